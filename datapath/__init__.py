@@ -1,0 +1,1 @@
+"""datapath: TUN device, ESP transform, UDP encapsulation, the packet loop."""

@@ -1,0 +1,1 @@
+"""ike: the IKEv2 daemon, a PF_KEY client like racoon."""
