@@ -137,9 +137,9 @@ class PolicyDir(IntEnum):
     ANY = 0
     INBOUND = 1
     OUTBOUND = 2
-    FWD = 3
-    MAX = 3
-    INVALID = 4
+    FWD = 3  # Linux's own addition
+    MAX = 4
+    INVALID = 5
 
 
 class IpsecMode(IntEnum):
