@@ -167,6 +167,9 @@ class IpsecRequest:
     # Tunnel endpoints (tunnel mode only); both present or both absent.
     src: IPAddress | None = None
     dst: IPAddress | None = None
+    # Ports in the endpoint sockaddrs (0 = unset); only ESP-in-UDP policies use them (setkey(8)).
+    src_port: int = 0
+    dst_port: int = 0
 
 
 @dataclass(slots=True)
