@@ -1,0 +1,257 @@
+"""The emulated PF_KEY socket: a Unix SOCK_SEQPACKET server in front of the sans-IO Kernel.
+
+Each connection is one PF_KEY socket. Requests are decoded, handed to the Kernel, and the
+Kernel's deliveries routed: to the sender, to every socket, or to the registered ones. A dump is
+streamed from the Kernel's iterator one message at a time, only as fast as the client reads, so a
+dump of any size arrives whole (racoon's dumps truncated when the kernel's socket buffer filled).
+Broadcasts to a client that stopped reading are dropped and counted once its queue is full, as a
+kernel drops them with ENOBUFS: a stuck client must not grow the daemon without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import grp
+import logging
+import os
+import socket
+import struct
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..kernel import Delivery, Kernel
+from .client import MAX_MESSAGE, SOCKET_BUFFER
+from .codec import PfkeyError, decode, encode
+from .constants import PF_KEY_V2, MsgType
+
+log = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("=BBBBHHII")  # sadb_msg
+_UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+
+# A connection whose queue of undelivered broadcasts reaches this loses further broadcasts.
+BROADCAST_QUEUE_LIMIT = 4096
+# Stop reading a client's requests while this many replies wait to be sent to it.
+REQUEST_BACKLOG_LIMIT = 256
+
+
+@dataclass(slots=True)
+class ServerStats:
+    connections: int = 0
+    refused: int = 0
+    messages_in: int = 0
+    malformed: int = 0
+    broadcasts_dropped: int = 0
+
+
+@dataclass(slots=True)
+class _Connection:
+    sock: socket.socket
+    sock_id: int
+    peer: str
+    queue: deque[bytes | Iterator[bytes]] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    can_read: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    closed: bool = False
+
+
+def peer_allowed(uid: int, gid: int, pid: int, group_gid: int | None) -> bool:
+    """Root, the daemon's own user, and (if configured) members of the socket's group."""
+    if uid in (0, os.geteuid()):
+        return True
+    if group_gid is None:
+        return False
+    if gid == group_gid:
+        return True
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Groups:"):
+                    return str(group_gid) in line.split()[1:]
+    except OSError:
+        pass
+    return False
+
+
+def error_reply(data: bytes, err: int) -> bytes:
+    """An errno reply echoing whatever of the offending header could be read."""
+    if len(data) >= _HEADER.size:
+        _, msg_type, _, satype, _, _, seq, pid = _HEADER.unpack_from(data)
+    else:
+        msg_type, satype, seq, pid = MsgType.RESERVED, 0, 0, 0
+    return _HEADER.pack(PF_KEY_V2, msg_type, err, satype, _HEADER.size // 8, 0, seq, pid)
+
+
+class PfkeyServer:
+    def __init__(
+        self,
+        kernel: Kernel,
+        path: Path,
+        *,
+        group: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kernel = kernel
+        self.path = path
+        self.clock = clock
+        self.stats = ServerStats()
+        self._group_gid = grp.getgrnam(group).gr_gid if group else None
+        self._listener: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self._connections: dict[int, _Connection] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        old_umask = os.umask(0o177)  # the file is born 0600: no window where others can connect
+        try:
+            listener.bind(str(self.path))
+        finally:
+            os.umask(old_umask)
+        if self._group_gid is not None:
+            os.chown(self.path, -1, self._group_gid)
+            os.chmod(self.path, 0o660)
+        listener.listen(128)
+        listener.setblocking(False)
+        self._listener = listener
+        self._accept_task = asyncio.create_task(self._accept_loop())
+
+    async def close(self) -> None:
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        for conn in list(self._connections.values()):
+            self._drop(conn)
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        self.path.unlink(missing_ok=True)
+
+    async def _accept_loop(self) -> None:
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(self._listener)
+            self._admit(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+        pid, uid, gid = _UCRED.unpack(cred)
+        if not peer_allowed(uid, gid, pid, self._group_gid):
+            self.stats.refused += 1
+            log.warning("pfkey: refused connection from pid %d uid %d gid %d", pid, uid, gid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
+        sock_id = self.kernel.open_socket()
+        conn = _Connection(sock, sock_id, f"pid {pid} uid {uid}")
+        conn.can_read.set()
+        self._connections[sock_id] = conn
+        self.stats.connections += 1
+        conn.tasks = [
+            asyncio.create_task(self._read_loop(conn)),
+            asyncio.create_task(self._write_loop(conn)),
+        ]
+        log.debug("pfkey: socket %d opened by %s", sock_id, conn.peer)
+
+    def _drop(self, conn: _Connection) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        self._connections.pop(conn.sock_id, None)
+        current = asyncio.current_task()
+        for task in conn.tasks:
+            if task is not current:
+                task.cancel()
+        conn.sock.close()
+        self.dispatch(None, self.kernel.close_socket(conn.sock_id, self.clock()))
+        log.debug("pfkey: socket %d closed", conn.sock_id)
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        buf = bytearray(MAX_MESSAGE + 1)
+        try:
+            while True:
+                await conn.can_read.wait()
+                n = await loop.sock_recv_into(conn.sock, buf)
+                if n == 0:
+                    break
+                self.handle_datagram(conn, bytes(buf[:n]))
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self._drop(conn)
+
+    def handle_datagram(self, conn: _Connection, data: bytes) -> None:
+        self.stats.messages_in += 1
+        if len(data) > MAX_MESSAGE:
+            self.stats.malformed += 1
+            self._enqueue(conn, error_reply(data, errno.EMSGSIZE))
+            return
+        try:
+            msg = decode(data)
+        except PfkeyError as exc:
+            self.stats.malformed += 1
+            log.debug("pfkey: socket %d sent a bad message: %s", conn.sock_id, exc)
+            self._enqueue(conn, error_reply(data, exc.errno))
+            return
+        self.dispatch(conn.sock_id, self.kernel.handle(conn.sock_id, msg, self.clock()))
+
+    # -- deliveries --------------------------------------------------------------------------
+
+    def dispatch(self, sender: int | None, deliveries: Iterable[Delivery]) -> None:
+        """Route the Kernel's deliveries (also used for its timer and ACQUIRE events)."""
+        for delivery in deliveries:
+            for sock_id in self.kernel.recipients(delivery, sender):
+                conn = self._connections.get(sock_id)
+                if conn is None:
+                    continue
+                if delivery.stream is not None:
+                    self._enqueue(conn, (encode(m) for m in delivery.stream))
+                elif delivery.message is not None:
+                    data = encode(self.kernel.message_for(delivery, sock_id))
+                    if sock_id != sender and len(conn.queue) >= BROADCAST_QUEUE_LIMIT:
+                        self.stats.broadcasts_dropped += 1
+                        continue
+                    self._enqueue(conn, data)
+
+    def _enqueue(self, conn: _Connection, item: bytes | Iterator[bytes]) -> None:
+        conn.queue.append(item)
+        conn.wakeup.set()
+        if len(conn.queue) >= REQUEST_BACKLOG_LIMIT:
+            conn.can_read.clear()
+
+    async def _write_loop(self, conn: _Connection) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                while not conn.queue:
+                    conn.can_read.set()
+                    conn.wakeup.clear()
+                    await conn.wakeup.wait()
+                item = conn.queue[0]
+                if isinstance(item, bytes):
+                    conn.queue.popleft()
+                    await loop.sock_sendall(conn.sock, item)
+                else:
+                    # Pull a dump one message at a time: sock_sendall waits for the client to
+                    # drain its buffer, which is the back-pressure.
+                    data = next(item, None)
+                    if data is None:
+                        conn.queue.popleft()
+                    else:
+                        await loop.sock_sendall(conn.sock, data)
+                if len(conn.queue) < REQUEST_BACKLOG_LIMIT // 2:
+                    conn.can_read.set()
+        except (ConnectionError, OSError):
+            self._drop(conn)
