@@ -1,0 +1,138 @@
+"""TUN device I/O: create or attach a layer-3 TUN, drain ready packets into preallocated slots.
+
+The kernel hands out one packet per read(2) on a TUN fd, so a batch is a loop of ``os.readv``
+calls into fixed buffers until EAGAIN or the bound; no per-packet buffer allocation.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass
+
+import pytun
+
+IFF_TUN = pytun.IFF_TUN
+IFF_NO_PI = pytun.IFF_NO_PI
+IFF_MULTI_QUEUE = pytun.IFF_MULTI_QUEUE
+IFF_VNET_HDR = pytun.IFF_VNET_HDR
+
+# struct virtio_net_hdr without TUNSETVNETHDRSZ. We never call TUNSETOFFLOAD, so the kernel
+# checksums and segments before handing packets over: the header is always zero both ways.
+VNET_HDR_LEN = 10
+_ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+
+MAX_PACKET = 65535
+
+
+class PacketSlots:
+    """count preallocated buffers of size bytes; lengths[i] is the packet now in slot i."""
+
+    __slots__ = ("size", "buffers", "views", "lengths", "_iovs", "_vnet_iovs", "_hdr")
+
+    def __init__(self, count: int, size: int = MAX_PACKET) -> None:
+        if count < 1 or size < 1:
+            raise ValueError("PacketSlots needs count >= 1 and size >= 1")
+        self.size = size
+        self.buffers = [bytearray(size) for _ in range(count)]
+        self.views = [memoryview(b) for b in self.buffers]
+        self.lengths = [0] * count
+        # Prebuilt iovec lists so the read loop allocates nothing of its own.
+        self._iovs: list[list[memoryview]] = [[v] for v in self.views]
+        self._hdr = memoryview(bytearray(VNET_HDR_LEN))
+        self._vnet_iovs: list[list[memoryview]] = [[self._hdr, v] for v in self.views]
+
+    def __len__(self) -> int:
+        return len(self.buffers)
+
+    def packet(self, i: int) -> memoryview:
+        return self.views[i][: self.lengths[i]]
+
+
+@dataclass(slots=True)
+class TunStats:
+    rx_packets: int = 0
+    tx_packets: int = 0
+    tx_dropped: int = 0  # write refused with EAGAIN/ENOBUFS (queue full) or a bad packet
+    rx_truncated: int = 0  # a packet larger than the slot size
+
+
+class TunDevice:
+    """A non-blocking TUN queue (IFF_TUN | IFF_NO_PI), created or attached by name.
+
+    Attaching works for a persistent TUN made beforehand with ``ip tuntap add ... user U`` by a
+    process running as U (no privileges needed). With multi_queue=True every TunDevice opened
+    on the same name is one more queue of that device.
+    """
+
+    __slots__ = ("_dev", "fd", "name", "vnet_hdr", "stats")
+
+    def __init__(self, name: str = "", *, multi_queue: bool = False, vnet_hdr: bool = False,
+                 dev_path: str = "/dev/net/tun") -> None:
+        flags = IFF_TUN | IFF_NO_PI
+        if multi_queue:
+            flags |= IFF_MULTI_QUEUE
+        if vnet_hdr:
+            flags |= IFF_VNET_HDR
+        try:
+            self._dev = pytun.TunTapDevice(name=name, flags=flags, dev=dev_path)
+        except pytun.Error as exc:
+            raise OSError(f"cannot open TUN {name or '(new)'} via {dev_path}: {exc}") from exc
+        self.fd: int = self._dev.fileno()
+        self.name: str = self._dev.name
+        self.vnet_hdr = vnet_hdr
+        self.stats = TunStats()
+        os.set_blocking(self.fd, False)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def read_batch(self, slots: PacketSlots, limit: int | None = None) -> int:
+        """Read ready packets into slots[0..n); returns n (0 when nothing is ready)."""
+        n_max = len(slots.buffers) if limit is None else min(limit, len(slots.buffers))
+        iovs = slots._vnet_iovs if self.vnet_hdr else slots._iovs
+        skip = VNET_HDR_LEN if self.vnet_hdr else 0
+        lengths = slots.lengths
+        readv = os.readv
+        fd = self.fd
+        size = slots.size
+        n = 0
+        while n < n_max:
+            try:
+                got = readv(fd, iovs[n]) - skip
+            except BlockingIOError:
+                break
+            if got > size:  # the kernel cut the packet at the slot end
+                self.stats.rx_truncated += 1
+                continue
+            lengths[n] = got
+            n += 1
+        self.stats.rx_packets += n
+        return n
+
+    def write(self, packet: bytes | bytearray | memoryview) -> bool:
+        """Inject one IP packet into the kernel; False (counted) if it was refused."""
+        try:
+            if self.vnet_hdr:
+                os.writev(self.fd, (_ZERO_VNET_HDR, packet))
+            else:
+                os.write(self.fd, packet)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ENOBUFS, errno.EINVAL, errno.EIO):
+                self.stats.tx_dropped += 1
+                return False
+            raise
+        self.stats.tx_packets += 1
+        return True
+
+    def close(self) -> None:
+        self._dev.close()
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TunDevice(name={self.name!r}, fd={self.fd})"
