@@ -128,7 +128,9 @@ class Topology:
     def gw_r_outer(self) -> str:
         return GW_R_WAN
 
-    def run(self, ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> str:
+    def run(
+        self, ns: str, argv: Sequence[str], *, check: bool = True, timeout: float = 30.0
+    ) -> str:
         return run(netns_argv(ns, argv), check=check, timeout=timeout)
 
     def popen(

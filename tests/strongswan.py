@@ -259,13 +259,19 @@ class Charon:
     charon_extra: str = ""
     plugins: tuple[str, ...] = CHARON_PLUGINS
     keep_dir: bool = False
-    workdir: Path = field(init=False)
+    _workdir: Path | None = field(init=False, default=None)
     process: subprocess.Popen[bytes] | None = field(init=False, default=None)
     _swanctl: str = field(init=False, default="swanctl")
 
     def __post_init__(self) -> None:
         self._swanctl = require_strongswan()
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"charon-{self.netns[-12:]}-"))
+
+    @property
+    def workdir(self) -> Path:
+        """Private directory (config, run/, vici socket, logs); exists from start() to stop()."""
+        if self._workdir is None:
+            raise StrongSwanError("charon was not started")
+        return self._workdir
 
     @property
     def vici_socket(self) -> Path:
@@ -309,25 +315,28 @@ class Charon:
 
     def start(self) -> None:
         """Start charon, wait for its vici socket, and load the configuration."""
-        self._write_config()
+        if self.process is not None:
+            raise StrongSwanError(f"charon in {self.netns} already started")
+        self._workdir = Path(tempfile.mkdtemp(prefix=f"charon-{self.netns[-12:]}-"))
+        try:
+            self._write_config()
+            self._spawn()
+            self._wait_for_vici()
+            self.swanctl("--load-all", "--file", str(self.swanctl_dir / "swanctl.conf"))
+        except BaseException:
+            self.stop()
+            raise
+
+    def _spawn(self) -> None:
         # A private mount namespace in which /run is our directory: pid file and any other
         # runtime state stay out of the host's /run and out of the other charons' way.
         script = 'mount --make-rprivate / && mount --bind "$1" /run && exec "$2"'
         argv = ["ip", "netns", "exec", self.netns, "unshare", "--mount", "--propagation",
                 "private", "--", "/bin/sh", "-c", script, "sh",
                 str(self.workdir / "run"), str(CHARON_PATH)]
-        stderr = (self.workdir / "stderr.log").open("wb")
-        try:
+        with (self.workdir / "stderr.log").open("wb") as stderr:
             self.process = subprocess.Popen(argv, env=self._env(), stdout=stderr, stderr=stderr,
                                             stdin=subprocess.DEVNULL)
-        finally:
-            stderr.close()
-        try:
-            self._wait_for_vici()
-            self.swanctl("--load-all", "--file", str(self.swanctl_dir / "swanctl.conf"))
-        except BaseException:
-            self.stop()
-            raise
 
     def _wait_for_vici(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -408,8 +417,8 @@ class Charon:
                         os.kill(proc.pid, signal.SIGKILL)
                     proc.wait(timeout=STOP_TIMEOUT)
         finally:
-            if not self.keep_dir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            if not self.keep_dir and self._workdir is not None:
+                shutil.rmtree(self._workdir, ignore_errors=True)
 
     def __enter__(self) -> Charon:
         self.start()
