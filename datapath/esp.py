@@ -393,7 +393,10 @@ class _CbcEsp(EspTransform):
 
     def _setup(self, enc: Algorithm, key: bytes) -> None:
         block = enc.block_bytes
-        cipher = algorithms.AES(key) if enc.name == "aes-cbc" else TripleDES(key)
+        if enc.name == "aes-cbc":
+            cipher: algorithms.AES | TripleDES = algorithms.AES(key)
+        else:  # single DES is 3DES with K1 = K2 = K3
+            cipher = TripleDES(key * 3 if len(key) == 8 else key)
         zero_iv = bytes(block)
         self._enc: CipherContext = Cipher(cipher, modes.CBC(zero_iv)).encryptor()
         self._dec: CipherContext = Cipher(cipher, modes.CBC(zero_iv)).decryptor()

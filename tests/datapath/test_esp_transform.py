@@ -1,0 +1,271 @@
+"""EspTransform behaviour beyond interoperability: drops, padding, sequence limits, buffers."""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datapath.esp import (
+    DropReason,
+    EspConfigError,
+    EspDrop,
+    EspTransform,
+    SequenceExhausted,
+)
+
+SPI = 0x12345678
+GCM_KEY = bytes(range(20))
+CBC_KEY = bytes(range(16))
+HMAC_KEY = bytes(range(100, 132))
+
+SUITES = {
+    "gcm": ("aes-gcm-16", bytes(range(36)), "null", b""),
+    "chacha": ("chacha20-poly1305", bytes(range(36)), "null", b""),
+    "cbc": ("aes-cbc", CBC_KEY, "hmac-sha256", HMAC_KEY),
+    "ctr": ("aes-ctr", bytes(range(20)), "hmac-sha384", bytes(48)),
+    "null": ("null", b"", "hmac-sha512", bytes(range(64))),
+}
+
+
+def pair(name: str, **kw: object) -> tuple[EspTransform, EspTransform]:
+    enc, ek, integ, ik = SUITES[name]
+    return (EspTransform.build(SPI, enc, ek, integ, ik, **kw),  # type: ignore[arg-type]
+            EspTransform.build(SPI, enc, ek, integ, ik, **kw))  # type: ignore[arg-type]
+
+
+def reason(esp: EspTransform, packet: bytes) -> DropReason:
+    with pytest.raises(EspDrop) as info:
+        esp.open(packet)
+    return info.value.reason
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_every_flipped_bit_is_refused(name: str) -> None:
+    tx, rx = pair(name)
+    packet = tx.seal(b"hello world" * 3, 17)
+    for bit in range(len(packet) * 8):
+        forged = bytearray(packet)
+        forged[bit // 8] ^= 1 << (bit % 8)
+        got = reason(rx, bytes(forged))
+        if bit < 32:
+            assert got is DropReason.SPI_MISMATCH
+        elif bit < 64:  # sequence number: 1 can turn into 0, which is never valid
+            assert got in (DropReason.AUTH, DropReason.REPLAY)
+        else:
+            assert got is DropReason.AUTH
+    assert rx.replay.highest == 0
+    assert rx.open(packet) == (17, b"hello world" * 3)
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_forged_packet_does_not_advance_window(name: str) -> None:
+    tx, rx = pair(name)
+    first = tx.seal(b"a", 6)
+    tx2, _ = pair(name, next_seq=1_000_000)
+    far = bytearray(tx2.seal(b"b", 6))
+    far[-1] ^= 0x80
+    assert reason(rx, bytes(far)) is DropReason.AUTH
+    assert rx.replay.highest == 0
+    assert rx.open(first) == (6, b"a")
+    assert reason(rx, first) is DropReason.REPLAY
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_truncated_input_dropped(name: str) -> None:
+    tx, rx = pair(name)
+    packet = tx.seal(os.urandom(40), 4)
+    short = rx.sealed_len(0)
+    for cut in range(len(packet)):
+        got = reason(rx, packet[:cut])
+        if cut < short:
+            assert got is DropReason.MALFORMED
+        else:
+            assert got in (DropReason.MALFORMED, DropReason.AUTH)
+    assert rx.open(packet)[0] == 4
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_dummy_packet_is_distinct_and_counts_for_replay(name: str) -> None:
+    tx, rx = pair(name)
+    dummy = tx.seal(os.urandom(30), 59)
+    assert reason(rx, dummy) is DropReason.DUMMY
+    assert rx.replay.highest == 1
+    assert reason(rx, dummy) is DropReason.REPLAY
+    assert rx.packets == 0
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_unknown_next_header_delivered(name: str) -> None:
+    tx, rx = pair(name)
+    assert rx.open(tx.seal(b"xyz", 253)) == (253, b"xyz")
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_sequence_exhausted_without_esn(name: str) -> None:
+    tx, rx = pair(name, next_seq=0xFFFFFFFF)
+    rx.replay.accept(0xFFFFFFF0)
+    assert tx.seq_remaining == 1
+    last = tx.seal(b"last", 17)
+    assert tx.seq_remaining == 0
+    with pytest.raises(SequenceExhausted):
+        tx.seal(b"one too many", 17)
+    with pytest.raises(SequenceExhausted):
+        tx.seal(b"still refused", 17)
+    assert tx.packets == 1
+    assert rx.open(last) == (17, b"last")
+
+
+@pytest.mark.parametrize("name", SUITES)
+def test_esn_continues_past_32_bits(name: str) -> None:
+    tx, rx = pair(name, next_seq=0xFFFFFFFF, esn=True)
+    rx.replay.accept(0xFFFFFFF0)
+    for i in range(3):
+        assert rx.open(tx.seal(bytes([i]), 17)) == (17, bytes([i]))
+    assert rx.replay.highest == (1 << 32) + 1
+    assert tx.next_seq == (1 << 32) + 2
+
+
+def test_gcm_iv_is_the_sequence_number() -> None:
+    tx, _ = pair("gcm", next_seq=0x1_0000_0005, esn=True)
+    packet = tx.seal(b"x", 17)
+    assert struct.unpack("!IIQ", packet[:16]) == (SPI, 5, 0x1_0000_0005)
+
+
+def test_cbc_ivs_are_fresh_and_padding_aligned() -> None:
+    tx, rx = pair("cbc")
+    ivs = set()
+    for n in range(0, 300, 7):
+        packet = tx.seal(bytes(n), 17)
+        assert (len(packet) - 8 - 16 - 16) % 16 == 0
+        ivs.add(packet[8:24])
+        assert rx.open(packet) == (17, bytes(n))
+    assert len(ivs) == len(range(0, 300, 7))
+
+
+@pytest.mark.parametrize("size", range(0, 12))
+def test_null_encryption_padding_is_monotonic(size: int) -> None:
+    tx, _ = pair("null")
+    packet = tx.seal(b"\xaa" * size, 41)
+    clear = packet[8:-32]
+    assert len(clear) % 4 == 0
+    padlen = clear[-2]
+    assert clear[-1] == 41
+    assert padlen == (-(size + 2)) % 4
+    assert clear[size:size + padlen] == bytes(range(1, padlen + 1))
+
+
+def null_packet(clear: bytes, seq: int = 1) -> bytes:
+    """A NULL-encryption ESP packet with a valid ICV around arbitrary cleartext."""
+    head = struct.pack("!II", SPI, seq) + clear
+    mac = crypto_hmac.HMAC(SUITES["null"][3], hashes.SHA512())
+    mac.update(head)
+    return head + mac.finalize()[:32]
+
+
+def test_bad_padding_bytes_dropped() -> None:
+    _, rx = pair("null")
+    assert reason(rx, null_packet(b"data" + b"\x01\x03\x02\x11")) is DropReason.BAD_PADDING
+
+
+def test_pad_length_beyond_data_dropped() -> None:
+    _, rx = pair("null")
+    assert reason(rx, null_packet(b"\x01\x02\x09\x11")) is DropReason.BAD_PADDING
+
+
+def test_long_padding_accepted() -> None:
+    _, rx = pair("null")
+    clear = b"abcde" + bytes(range(1, 18)) + bytes((17, 6))  # 17 > 3 bytes needed
+    assert rx.open(null_packet(clear)) == (6, b"abcde")
+
+
+def test_unaligned_ciphertext_is_malformed() -> None:
+    _, rx = pair("null")
+    assert reason(rx, null_packet(b"abc" + b"\x00\x06")) is DropReason.MALFORMED
+
+
+def test_gcm_bad_padding_dropped() -> None:
+    enc, key, _, _ = SUITES["gcm"]
+    _, rx = pair("gcm")
+    clear = b"payload!" + b"\x02\x02\x02\x04"  # pad bytes must read 1, 2
+    head = struct.pack("!IIQ", SPI, 1, 1)
+    sealed = AESGCM(key[:32]).encrypt(key[32:] + head[8:], clear, head[:8])
+    assert reason(rx, head + sealed) is DropReason.BAD_PADDING
+
+
+def test_seal_into_and_open_into_respect_offsets() -> None:
+    tx, rx = pair("gcm")
+    out = bytearray(b"\xee" * 200)
+    end = tx.seal_into(b"inner", 4, out, 20)
+    assert out[:20] == b"\xee" * 20 and out[end:] == b"\xee" * (200 - end)
+    assert end - 20 == tx.sealed_len(5)
+    clear = bytearray(b"\x55" * 100)
+    nh, stop = rx.open_into(bytes(out[20:end]), clear, 10)
+    assert (nh, bytes(clear[10:stop])) == (4, b"inner")
+    assert clear[:10] == b"\x55" * 10
+    with pytest.raises(ValueError):
+        tx.seal_into(b"x" * 100, 4, bytearray(50))
+
+
+def test_counters() -> None:
+    tx, rx = pair("chacha")
+    for n in (10, 20, 30):
+        rx.open(tx.seal(bytes(n), 17))
+    assert (tx.packets, tx.octets, rx.packets, rx.octets) == (3, 60, 3, 60)
+
+
+def test_keys_not_in_repr() -> None:
+    tx, _ = pair("cbc")
+    text = repr(tx)
+    assert "aes-cbc" in text and CBC_KEY.hex() not in text and HMAC_KEY.hex() not in text
+    assert str(CBC_KEY) not in text
+
+
+@pytest.mark.parametrize(
+    ("args", "kw", "message"),
+    [
+        (("blowfish", b"", "null", b""), {}, "unknown encryption"),
+        (("aes-cbc", CBC_KEY, "hmac-sha3", b""), {}, "unknown integrity"),
+        (("aes-cbc", bytes(15), "hmac-sha256", HMAC_KEY), {}, "128, 192, 256 bits"),
+        (("aes-gcm-16", bytes(16), "null", b""), {}, "bits"),
+        (("aes-gcm-16", GCM_KEY, "hmac-sha256", HMAC_KEY), {}, "AEAD"),
+        (("null", b"", "null", b""), {}, "needs an integrity"),
+        (("aes-cbc", CBC_KEY, "null", b""), {}, "without integrity"),
+        (("3des-cbc", bytes(24), "hmac-sha256", HMAC_KEY), {}, "weak"),
+        (("aes-cbc", CBC_KEY, "hmac-md5", bytes(16)), {}, "weak"),
+        (("aes-gcm-16", GCM_KEY, "null", b""), {"next_seq": 0}, "next_seq"),
+        (("aes-gcm-16", GCM_KEY, "null", b""), {"replay_window": -1}, "replay"),
+    ],
+)
+def test_bad_parameters_refused(args: tuple[str, bytes, str, bytes], kw: dict[str, int],
+                                message: str) -> None:
+    with pytest.raises(EspConfigError, match=message):
+        EspTransform.build(SPI, *args, **kw)  # type: ignore[arg-type]
+
+
+def test_reserved_spi_refused() -> None:
+    with pytest.raises(EspConfigError, match="reserved"):
+        EspTransform.build(255, "aes-gcm-16", GCM_KEY)
+
+
+def test_weak_allowed_when_asked() -> None:
+    tx = EspTransform.build(SPI, "des-cbc", bytes(8), "hmac-md5", bytes(16), allow_weak=True)
+    rx = EspTransform.build(SPI, "des-cbc", bytes(8), "hmac-md5", bytes(16), allow_weak=True)
+    assert rx.open(tx.seal(b"legacy", 17)) == (17, b"legacy")
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.sampled_from(sorted(SUITES)), data=st.binary(max_size=200),
+       seq=st.integers(min_value=0, max_value=0xFFFFFFFF), keep_spi=st.booleans())
+def test_random_bytes_only_ever_drop(name: str, data: bytes, seq: int, keep_spi: bool) -> None:
+    _, rx = pair(name, esn=seq % 2 == 0)
+    packet = (struct.pack("!II", SPI, seq) + data) if keep_spi else data
+    with pytest.raises(EspDrop):
+        rx.open(packet)
+    assert rx.replay.highest == 0
