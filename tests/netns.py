@@ -16,13 +16,15 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 PREFIX = "uit-"
 NETNS_DIR = "/run/netns"
 _CLONE_NEWNET = 0x40000000
 _CMD_TIMEOUT = 20.0
+T = TypeVar("T")
 
 
 class HarnessError(RuntimeError):
@@ -310,7 +312,9 @@ class Topology:
         return self.nat_outside if self.nat_outside is not None else self.gw_l_wan
 
 
-def _link(h: NetnsHarness, a: Netns, b: Netns, net: int, ha: int, hb: int) -> tuple[Site, Site]:
+def link(h: NetnsHarness, a: Netns, b: Netns, net: int, ha: int = 1,
+         hb: int = 2) -> tuple[Site, Site]:
+    """veth a<->b with 10.<net>.0.<ha|hb>/24 and fd00:<net>::<ha|hb>/64 on the two ends."""
     da, db = h.veth(a, b)
     sa = Site(da, f"10.{net}.0.{ha}/24", f"fd00:{net}::{ha}/64")
     sb = Site(db, f"10.{net}.0.{hb}/24", f"fd00:{net}::{hb}/64")
@@ -318,6 +322,19 @@ def _link(h: NetnsHarness, a: Netns, b: Netns, net: int, ha: int, hb: int) -> tu
         ns.add_addr(s.dev, s.v4)
         ns.add_addr(s.dev, s.v6)
     return sa, sb
+
+
+def collect(poll: Callable[[], list[T]], want: int, timeout: float = 3.0) -> list[T]:
+    """Call poll until it has returned want items in total or timeout passes (bounded wait)."""
+    got: list[T] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < want and time.monotonic() < deadline:
+        items = poll()
+        if items:
+            got.extend(items)
+        else:
+            time.sleep(0.005)
+    return got
 
 
 def _default_via(ns: Netns, gw: Site) -> None:
@@ -330,8 +347,8 @@ def build_topology(h: NetnsHarness, *, nat: bool = False, drop_percent: int = 0)
     if drop_percent and not nat:
         raise ValueError("random drop is installed in the NAT namespace; pass nat=True")
     host_l, gw_l, gw_r, host_r = (h.netns(r) for r in ("hostL", "gwL", "gwR", "hostR"))
-    host_l_lan, gw_l_lan = _link(h, host_l, gw_l, 1, 2, 1)
-    gw_r_lan, host_r_lan = _link(h, gw_r, host_r, 4, 1, 2)
+    host_l_lan, gw_l_lan = link(h, host_l, gw_l, 1, 2, 1)
+    gw_r_lan, host_r_lan = link(h, gw_r, host_r, 4, 1, 2)
     _default_via(host_l, gw_l_lan)
     _default_via(host_r, gw_r_lan)
     for gw in (gw_l, gw_r):
@@ -341,13 +358,13 @@ def build_topology(h: NetnsHarness, *, nat: bool = False, drop_percent: int = 0)
     if nat:
         nat_ns = h.netns("nat")
         nat_ns.enable_forwarding()
-        gw_l_wan, nat_in = _link(h, gw_l, nat_ns, 2, 2, 1)
-        nat_out, gw_r_wan = _link(h, nat_ns, gw_r, 3, 1, 2)
+        gw_l_wan, nat_in = link(h, gw_l, nat_ns, 2, 2, 1)
+        nat_out, gw_r_wan = link(h, nat_ns, gw_r, 3, 1, 2)
         _default_via(gw_l, nat_in)  # gwR reaches the NAT's outside on-link; no route back
         nat_ns.masquerade(nat_out.dev)
         if drop_percent:
             nat_ns.random_drop(drop_percent)
     else:
-        gw_l_wan, gw_r_wan = _link(h, gw_l, gw_r, 2, 1, 2)
+        gw_l_wan, gw_r_wan = link(h, gw_l, gw_r, 2, 1, 2)
     return Topology(host_l, gw_l, gw_r, host_r, nat_ns, host_l_lan, gw_l_lan, gw_l_wan,
                     gw_r_wan, gw_r_lan, host_r_lan, nat_in, nat_out)
