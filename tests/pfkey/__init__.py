@@ -1,0 +1,1 @@
+"""PF_KEY tests: codec, ctypes mirrors of the C headers."""
