@@ -6,7 +6,7 @@ from ike.dh import MODP_PRIMES, new_key_exchange, public_value_length
 from ike.errors import IkeCryptoError
 
 # RFC 5903 section 8: (i, g^i x||y, r, g^r x||y, g^ir x)
-RFC5903 = {
+RFC5903: dict[int, tuple[str, ...]] = {
     DhId.ECP256: (
         "C88F01F510D9AC3F70A292DAA2316DE544E9AAB8AFE84049C62A9C57862D1433",
         "DAD0B65394221CF9B051E1FECA5787D098DFE637FC90B9EF945D0C3772581180"
@@ -49,7 +49,7 @@ RFC5903 = {
 }
 
 # RFC 7748 section 6: (Alice private, Alice public, Bob private, Bob public, shared)
-RFC7748 = {
+RFC7748: dict[int, tuple[str, ...]] = {
     DhId.CURVE25519: (
         "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
         "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a",
@@ -121,8 +121,8 @@ def test_fresh_pairs_agree(group: int) -> None:
     assert len(a.public_value()) == public_value_length(group)
     secret = a.shared_secret(b.public_value())
     assert secret == b.shared_secret(a.public_value())
-    assert len(secret) == {DhId.ECP256: 32, DhId.ECP384: 48, DhId.ECP521: 66}.get(
-        group, public_value_length(group))
+    ecp_x_len: dict[int, int] = {DhId.ECP256: 32, DhId.ECP384: 48, DhId.ECP521: 66}
+    assert len(secret) == ecp_x_len.get(group, public_value_length(group))
 
 
 def test_modp_deterministic_private_value_and_padding() -> None:
