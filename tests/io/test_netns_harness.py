@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import time
+from typing import Any
 
 import pytest
 
@@ -19,16 +20,19 @@ from tests.netns import (
     list_namespaces,
 )
 
+Received = tuple[bytes, tuple[Any, ...]]
 
-def _udp_echo_once(src_sock: socket.socket, dst: socket.socket, addr: tuple[str, int]) -> tuple:
+
+def _udp_echo_once(src_sock: socket.socket, dst: socket.socket,
+                   addr: tuple[str, int]) -> Received:
     src_sock.sendto(b"ping", addr)
     got = collect(lambda: _recv_all(dst), 1)
     assert got, f"nothing arrived at {addr}"
     return got[0]
 
 
-def _recv_all(sock: socket.socket) -> list[tuple[bytes, tuple]]:
-    out = []
+def _recv_all(sock: socket.socket) -> list[Received]:
+    out: list[Received] = []
     for _ in range(64):
         try:
             out.append(sock.recvfrom(2048))
@@ -87,10 +91,10 @@ def test_prerequisite_check_fails_clearly_when_not_root() -> None:
             os.setuid(65534)
             try:
                 check_prerequisites()
-                msg = b"no error"
+                text = "no error"
             except HarnessError as exc:
-                msg = str(exc).encode()
-            os.write(w, msg)
+                text = str(exc)
+            os.write(w, text.encode())
         finally:
             os._exit(0)
     os.close(w)
@@ -105,8 +109,7 @@ def test_plain_topology_dual_stack_and_isolated_lans(netns_harness: NetnsHarness
     assert t.nat is None
     for fam, dst in ((socket.AF_INET, t.gw_r_wan.ip4), (socket.AF_INET6, t.gw_r_wan.ip6)):
         rx = _udp(t.gw_r, fam, 7001)
-        tx = _udp(t.gw_l, fam)
-        _, src = _udp_echo_once(tx, rx, (dst, 7001))
+        _, src = _udp_echo_once(_udp(t.gw_l, fam), rx, (dst, 7001))
         assert src[0] in (t.gw_l_wan.ip4, t.gw_l_wan.ip6)
     # hostL reaches its gateway, but not hostR: no route between the LANs without a tunnel.
     rx = _udp(t.gw_l, socket.AF_INET, 7002)
@@ -128,8 +131,12 @@ def test_nat_topology_masquerades_v4_and_v6(netns_harness: NetnsHarness) -> None
         _, src = _udp_echo_once(tx, rx, (dst, 4500))
         assert src[0] == public, "gwR must see the NAT's outside address"
         # The reply to the mapped address goes back through the NAT to gwL.
-        rx.sendto(b"pong", src[:2] if fam == socket.AF_INET else src)
-        assert collect(lambda tx=tx: _recv_all(tx), 1)[0][0] == b"pong"
+        rx.sendto(b"pong", src)
+        assert _recv_back(tx)[0][0] == b"pong"
+
+
+def _recv_back(sock: socket.socket) -> list[Received]:
+    return collect(lambda: _recv_all(sock), 1)
 
 
 def test_random_drop_loses_about_the_requested_share(netns_harness: NetnsHarness) -> None:
