@@ -20,8 +20,10 @@ UIPSEC extension.
 """
 
 from .commands import Command, CommandKind, SaSelector, deleteall_requests
+from .debug import format_message_debug
 from .errors import SetkeyError
 from .parser import parse_script
+from .printer import format_policy, format_policy_spec, format_sa
 
 __all__ = [
     "Command",
@@ -29,5 +31,9 @@ __all__ = [
     "SaSelector",
     "SetkeyError",
     "deleteall_requests",
+    "format_message_debug",
+    "format_policy",
+    "format_policy_spec",
+    "format_sa",
     "parse_script",
 ]
