@@ -148,6 +148,23 @@ def psk_secret(id_a: str, id_b: str, psk: str, name: str = "ike-psk") -> str:
     return f'  {name} {{\n    id-1 = {id_a}\n    id-2 = {id_b}\n    secret = "{psk}"\n  }}\n'
 
 
+def psk_gateway_pair(
+    *, left_ns: str, right_ns: str, left_addr: str, right_addr: str, left_as_seen_by_right: str,
+    left_net: str, right_net: str, psk: str, charon_extra: str = "",
+) -> tuple[Charon, Charon]:
+    """Two (unstarted) charons with a PSK subnet-to-subnet tunnel ``gw``/``net``, ids gwL/gwR."""
+    secret = psk_secret("gwL", "gwR", psk)
+    left = Charon(left_ns, psk_site_to_site(
+        local_addr=left_addr, remote_addr=right_addr, local_id="gwL", remote_id="gwR",
+        local_ts=left_net, remote_ts=right_net,
+    ), secret, charon_extra=charon_extra)
+    right = Charon(right_ns, psk_site_to_site(
+        local_addr=right_addr, remote_addr=left_as_seen_by_right, local_id="gwR",
+        remote_id="gwL", local_ts=right_net, remote_ts=left_net,
+    ), secret, charon_extra=charon_extra)
+    return left, right
+
+
 # --- `swanctl --raw` output: key=value, key=[v v], key {...}; values are whitespace-free for the
 # identities and addresses these tests use.
 _RAW_TOKEN = re.compile(r"\s*(?:([^\s{}\[\]=]+)(=\[|=| \{)|(\})|(\])|([^\s\]]+))")

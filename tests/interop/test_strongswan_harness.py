@@ -25,8 +25,7 @@ from tests.strongswan import (
     Charon,
     StrongSwanError,
     parse_list_sas,
-    psk_secret,
-    psk_site_to_site,
+    psk_gateway_pair,
     require_strongswan,
 )
 
@@ -71,15 +70,11 @@ def guard_counters(topo: Topology) -> dict[str, int]:
 
 
 def make_charons(topo: Topology) -> tuple[Charon, Charon]:
-    left = Charon(topo.gw_l, psk_site_to_site(
-        local_addr=topo.gw_l_outer, remote_addr=topo.gw_r_outer, local_id="gwL",
-        remote_id="gwR", local_ts=LEFT_NET, remote_ts=RIGHT_NET,
-    ), psk_secret("gwL", "gwR", PSK))
-    right = Charon(topo.gw_r, psk_site_to_site(
-        local_addr=topo.gw_r_outer, remote_addr=topo.gw_l_seen_by_r, local_id="gwR",
-        remote_id="gwL", local_ts=RIGHT_NET, remote_ts=LEFT_NET,
-    ), psk_secret("gwL", "gwR", PSK))
-    return left, right
+    return psk_gateway_pair(
+        left_ns=topo.gw_l, right_ns=topo.gw_r, left_addr=topo.gw_l_outer,
+        right_addr=topo.gw_r_outer, left_as_seen_by_right=topo.gw_l_seen_by_r,
+        left_net=LEFT_NET, right_net=RIGHT_NET, psk=PSK,
+    )
 
 
 def test_no_cleartext_path_without_tunnel(topo: Topology) -> None:
