@@ -108,8 +108,7 @@ MALFORMED: dict[str, tuple[bytes, int]] = {
     "key_bits far beyond payload": (c.Builder(3).key(8, b"", bits=0xFFFF).build(), errno.EINVAL),
     "request of v4 and v6 sockaddrs": (tunnel_policy("10.0.0.1", "::1"), errno.EINVAL),
     "request families differ": (
-        policy(patched(c.ipsecrequest(50, 2, 2, 0, "10.0.0.1", "10.0.0.2"), 32,
-                       u16(socket.AF_INET6))),
+        policy(patched(c.ipsecrequest(50, 2, 2, 0, "::1", "::2"), 44, u16(socket.AF_INET))),
         errno.EINVAL,
     ),
     "request length short of its sockaddrs": (
