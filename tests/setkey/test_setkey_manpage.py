@@ -68,7 +68,10 @@ def resolve(name: str) -> Sequence[IPAddress]:
 
 
 def test_add_ah_with_host_names_and_dash_6() -> None:
-    text = 'add -6 myhost.example.com yourhost.example.com ah 123456\n\t-A hmac-sha1 "AH SA configuration!" ;'
+    text = (
+        "add -6 myhost.example.com yourhost.example.com ah 123456\n"
+        '\t-A hmac-sha1 "AH SA configuration!" ;'
+    )
     cmd = one(text, resolve=resolve)
     (msg,) = cmd.messages  # -6: only the IPv6 pair
     assert msg.satype is SaType.AH and msg.sa is not None and msg.sa.spi == 123456
@@ -79,7 +82,10 @@ def test_add_ah_with_host_names_and_dash_6() -> None:
 
 
 def test_host_names_without_family_flag_give_one_message_per_same_family_pair() -> None:
-    text = 'add myhost.example.com yourhost.example.com ah 123456 -A hmac-sha1 "AH SA configuration!";'
+    text = (
+        "add myhost.example.com yourhost.example.com ah 123456"
+        ' -A hmac-sha1 "AH SA configuration!";'
+    )
     cmd = one(text, resolve=resolve)
     pairs = [(m.src.address, m.dst.address) for m in cmd.messages]  # type: ignore[union-attr]
     assert pairs == [

@@ -96,7 +96,7 @@ def test_large_replay_window_goes_in_private_extension() -> None:
         (f"-E chacha20-poly1305 {K288}", "chacha20-poly1305", None),
         (f"-E 3des-cbc 0x{'99' * 24} -A hmac-md5 {K128}", "3des-cbc", "hmac-md5"),
         (f"-E null -A hmac-sha256 {K256}", "null", "hmac-sha256"),
-        (f'-E aes-cbc "0123456789abcdef" -A hmac-sha1 "01234567890123456789"', "aes-cbc",
+        ('-E aes-cbc "0123456789abcdef" -A hmac-sha1 "01234567890123456789"', "aes-cbc",
          "hmac-sha1"),
     ],
 )
@@ -320,7 +320,8 @@ def test_icmp_type_only_keeps_code_from_dst_port() -> None:
 
 def test_statement_spanning_lines_with_tabs_and_crlf() -> None:
     (cmd,) = parse_script(
-        f"\r\n\tadd\r\n192.0.2.1\t198.51.100.1\r\n  esp\r\n 0x1000\r\n -E aes-gcm-16\r\n {K160}\r\n;"
+        "\r\n\tadd\r\n192.0.2.1\t198.51.100.1\r\n  esp\r\n 0x1000\r\n"
+        f" -E aes-gcm-16\r\n {K160}\r\n;"
     )
     assert cmd.line == 2 and cmd.column == 2
     assert cmd.messages[0].sa is not None and cmd.messages[0].sa.spi == 0x1000

@@ -154,10 +154,10 @@ class _SaOptions:
 class _Algorithms:
     encrypt: Algorithm | None = None
     encrypt_key: bytes = b""
-    encrypt_token: Token | None = None
+    encrypt_flag: Token | None = None  # errors point at "-E"/"-A", never at a key
     auth: Algorithm | None = None
     auth_key: bytes = b""
-    auth_token: Token | None = None
+    auth_flag: Token | None = None
 
 
 @dataclass(slots=True)
@@ -231,7 +231,8 @@ class _Parser:
 
     def flush_or_dump(self, word: str, token: Token) -> Command:
         satype: SaType = SaType.UNSPEC
-        if self.cur.peek().kind is TokenKind.WORD:
+        proto = self.cur.peek_word()
+        if proto in _PROTOCOLS or proto in _REFUSED_PROTOCOLS:
             satype = self.protocol().satype
         self.end()
         if word == "flush":
@@ -493,12 +494,12 @@ class _Parser:
                 if algs.encrypt is not None:
                     raise self.error(flag, "-E given twice")
                 algs.encrypt = self.algorithm(name, encryption_by_name, _UNSUPPORTED_ENCRYPTION)
-                algs.encrypt_key, algs.encrypt_token = self.key(algs.encrypt, name)
+                algs.encrypt_key, algs.encrypt_flag = self.key(algs.encrypt), flag
             else:
                 if algs.auth is not None:
                     raise self.error(flag, "-A given twice")
                 algs.auth = self.algorithm(name, integrity_by_name, _UNSUPPORTED_INTEGRITY)
-                algs.auth_key, algs.auth_token = self.key(algs.auth, name)
+                algs.auth_key, algs.auth_flag = self.key(algs.auth), flag
         self.check_combination(satype, algs)
         return algs
 
@@ -515,14 +516,14 @@ class _Parser:
             raise self.error(name, "algorithm not supported by userspace-ipsec")
         raise self.error(name, "unknown algorithm")
 
-    def key(self, alg: Algorithm, name: Token) -> tuple[bytes, Token]:
+    def key(self, alg: Algorithm) -> bytes:
         token = self.cur.peek()
         is_key = token.kind is TokenKind.QUOTED or (
             token.kind is TokenKind.WORD and token.text[:2].lower() == "0x"
         )
         if not is_key:
             if alg.key_bits == (0,):
-                return b"", name  # setkey's "null" takes no key
+                return b""  # setkey's "null" takes no key
             raise self.error(token, f"{alg.name} needs a key: 0x... hex or \"string\"")
         self.cur.next()
         if token.kind is TokenKind.QUOTED:
@@ -538,26 +539,26 @@ class _Parser:
         reason = check_key(alg, key)
         if reason is not None:
             raise self.error(token, reason, shown=shown)
-        return key, token
+        return key
 
     def check_combination(self, satype: SaType, algs: _Algorithms) -> None:
         where = self.cur.peek()
         if satype is SaType.AH:
             if algs.encrypt is not None:
-                raise self.error(algs.encrypt_token or where, "ah takes only -A, not -E")
+                raise self.error(algs.encrypt_flag or where, "ah takes only -A, not -E")
             if algs.auth is None:
                 raise self.error(where, "ah needs -A ALGORITHM KEY")
             return
         if algs.encrypt is None:
-            raise self.error(algs.auth_token or where, "esp needs -E ALGORITHM KEY")
+            raise self.error(algs.auth_flag or where, "esp needs -E ALGORITHM KEY")
         if algs.encrypt.kind is AlgKind.AEAD and algs.auth is not None:
             raise self.error(
-                algs.auth_token or where,
+                algs.auth_flag or where,
                 f"{algs.encrypt.name} is AEAD (it authenticates itself): drop -A",
             )
         if algs.encrypt.name == "null" and (algs.auth is None or algs.auth.name == "null"):
             raise self.error(
-                algs.auth_token or algs.encrypt_token or where,
+                algs.auth_flag or algs.encrypt_flag or where,
                 "esp with null encryption needs a real -A algorithm (RFC 4303)",
             )
 
