@@ -263,8 +263,13 @@ class UdpSocket:
         try:
             self.sock.sendmsg(run, [(SOL_UDP, UDP_SEGMENT, _GSO_CMSG.pack(seg))], 0, addr)
         except OSError as exc:
-            if exc.errno in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
-                # The egress device cannot checksum-offload, or an old kernel: stop trying.
+            if exc.errno in (errno.EINVAL, errno.EMSGSIZE):
+                # Segment larger than the path MTU allows: this run goes out singly (and may
+                # be fragmented there), GSO stays on for the next.
+                self.stats.gso_fallbacks += 1
+                return False
+            if exc.errno in (errno.EIO, errno.EOPNOTSUPP, errno.ENOPROTOOPT):
+                # Egress device cannot checksum-offload (older kernels) or no GSO: stop trying.
                 self.gso = False
                 self.stats.gso_fallbacks += 1
                 return False

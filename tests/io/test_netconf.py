@@ -130,7 +130,8 @@ def test_bad_requests_fail_clearly(pair: tuple) -> None:
     with pytest.raises(ValueError, match="family"):
         nc.add_route("10.50.0.0/16", "uit0", src="fd09::1")
     nc.setup_link("uit0", [], mtu=1400)
-    with pytest.raises(NetConfigError, match=r"route 10\.50\.0\.0/16 dev uit0 table 220: Invalid argument"):
+    bad_src = r"route 10\.50\.0\.0/16 dev uit0 table 220: Invalid argument"
+    with pytest.raises(NetConfigError, match=bad_src):
         nc.add_route("10.50.0.0/16", "uit0", src="10.99.99.99")  # not a local address
     nc.remove_all()
 
