@@ -197,7 +197,8 @@ def test_replay_window_and_esn_from_uipsec_and_opt_in() -> None:
     assert ExtType.X_UIPSEC not in got[plain][0].ext
     ext = got[fancy][0].uipsec
     assert ext is not None and ext.replay_window == 4096 and ext.flags & UIPSEC_FLAG_ESN
-    assert got[plain][0].sa is not None and got[plain][0].sa.replay == 255
+    plain_sa = got[plain][0].sa
+    assert plain_sa is not None and plain_sa.replay == 255  # the u8 field saturates
     # Without the extension sadb_sa_replay is the window.
     k.handle(plain, sa_msg(MsgType.ADD, 0x1001, replay=64), NOW)
     sa2 = k.sad.get(A("10.0.0.2"), SaType.ESP, 0x1001)

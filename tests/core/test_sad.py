@@ -72,7 +72,11 @@ def test_mode_any_sa_serves_any_mode_and_exact_mode_is_separate() -> None:
     sad.add(make(0x1001, mode=IpsecMode.TRANSPORT, t=9))
     src, dst = A("10.0.0.1"), A("10.0.0.2")
     assert sad.best_by_endpoints(src, dst, SaType.ESP, IpsecMode.TUNNEL) is wild
-    assert sad.best_by_endpoints(src, dst, SaType.ESP, IpsecMode.TRANSPORT).spi == 0x1001
+    exact = sad.best_by_endpoints(src, dst, SaType.ESP, IpsecMode.TRANSPORT)
+    assert exact is not None and exact.spi == 0x1001  # newer than the "any" one
+    newer_wild = make(0x1002, mode=IpsecMode.ANY, t=12)
+    sad.add(newer_wild)
+    assert sad.best_by_endpoints(src, dst, SaType.ESP, IpsecMode.TRANSPORT) is newer_wild
 
 
 def test_reqid_index() -> None:
