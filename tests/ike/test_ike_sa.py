@@ -1,0 +1,242 @@
+import ipaddress
+import struct
+
+from ike.constants import DhId, EncrId, ExchangeType, IdType, NotifyType
+from ike.message import Message, decode_message, encode_message
+from ike.payloads import KePayload, NotifyPayload, SaPayload, TrafficSelector
+from ike.proposals import parse_proposals
+from ike.sa import ChildSaEstablished, IkeConfig, IkeSa, IkeSaEstablished, IkeSaFailed, State
+
+I_ADDR, R_ADDR = ("192.0.2.1", 500), ("198.51.100.1", 500)
+
+
+def ts(net: str) -> TrafficSelector:
+    n = ipaddress.ip_network(net)
+    return TrafficSelector(n[0], n[-1])
+
+
+def config(side: str, **over: object) -> IkeConfig:
+    local, remote = ("10.1.0.0/16", "10.2.0.0/16") if side == "i" else \
+        ("10.2.0.0/16", "10.1.0.0/16")
+    base: dict[str, object] = dict(
+        local_id=(IdType.FQDN, b"alice" if side == "i" else b"gw"),
+        psk=b"correct horse battery staple",
+        ike_proposals=parse_proposals("aes128gcm16-prfsha256-x25519", "ike"),
+        esp_proposals=parse_proposals("aes128gcm16", "esp"),
+        local_ts=[ts(local)], remote_ts=[ts(remote)],
+    )
+    base.update(over)
+    return IkeConfig(**base)  # type: ignore[arg-type]
+
+
+def pair(i_over: dict | None = None, r_over: dict | None = None) -> tuple[IkeSa, IkeSa]:
+    i = IkeSa(config("i", **(i_over or {})), initiator=True, local_addr=I_ADDR,
+              remote_addr=R_ADDR, child_spi=b"\xc0\x00\x00\x01")
+    r = IkeSa(config("r", **(r_over or {})), initiator=False, local_addr=R_ADDR,
+              remote_addr=I_ADDR, child_spi=b"\xc0\x00\x00\x02")
+    return i, r
+
+
+def pump(i: IkeSa, r: IkeSa, now: float = 0.0, rounds: int = 10) -> int:
+    """Deliver datagrams both ways until quiet; returns how many were delivered."""
+    delivered = 0
+    for _ in range(rounds):
+        moved = False
+        for src, dst, addr in ((i, r, I_ADDR), (r, i, R_ADDR)):
+            for data, _ in src.datagrams_to_send(now):
+                dst.receive_datagram(data, addr, now)
+                delivered += 1
+                moved = True
+        if not moved:
+            break
+    return delivered
+
+
+def events(sa: IkeSa) -> list:
+    out = []
+    while (e := sa.next_event()) is not None:
+        out.append(e)
+    return out
+
+
+def test_psk_handshake_establishes_ike_and_child_sa() -> None:
+    i, r = pair()
+    i.initiate(0.0)
+    assert pump(i, r) == 4
+    assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
+    ie, re_ = events(i), events(r)
+    assert [type(e) for e in ie] == [IkeSaEstablished, ChildSaEstablished]
+    assert [type(e) for e in re_] == [IkeSaEstablished, ChildSaEstablished]
+    assert ie[0].spi_i == re_[0].spi_i and ie[0].spi_r == re_[0].spi_r
+    assert ie[0].remote_id == (IdType.FQDN, b"gw")
+    assert re_[0].remote_id == (IdType.FQDN, b"alice")
+    assert ie[0].transforms.encr == EncrId.AES_GCM_16 and ie[0].transforms.dh == DhId.CURVE25519
+    ic, rc = ie[1], re_[1]
+    assert (ic.inbound_spi, ic.outbound_spi) == (b"\xc0\x00\x00\x01", b"\xc0\x00\x00\x02")
+    assert (rc.inbound_spi, rc.outbound_spi) == (b"\xc0\x00\x00\x02", b"\xc0\x00\x00\x01")
+    # Each side's outbound keys are the other side's inbound keys; 16-byte key + 4 salt.
+    assert ic.encr_out == rc.encr_in and ic.encr_in == rc.encr_out and len(ic.encr_out) == 20
+    assert ic.encr_out != ic.encr_in
+    assert ic.local_ts == [ts("10.1.0.0/16")] and rc.local_ts == [ts("10.2.0.0/16")]
+    assert not ic.transport_mode
+    assert ic.encr_out.hex() not in repr(ic)
+    assert not ie[0].local_behind_nat and not ie[0].remote_behind_nat
+    assert i.get_timer() is None and r.get_timer() is None
+
+
+def test_cbc_suite_and_narrowing() -> None:
+    i, r = pair(
+        {"ike_proposals": parse_proposals("aes256-sha256-modp2048", "ike"),
+         "esp_proposals": parse_proposals("aes256-sha256", "esp"),
+         "local_ts": [ts("10.1.0.0/16")], "remote_ts": [ts("10.0.0.0/8")]},
+        {"ike_proposals": parse_proposals("aes256-sha256-modp2048", "ike"),
+         "esp_proposals": parse_proposals("aes256-sha256", "esp")})
+    i.initiate(0.0)
+    pump(i, r)
+    ie = events(i)
+    child = ie[1]
+    assert isinstance(child, ChildSaEstablished)
+    assert child.remote_ts == [ts("10.2.0.0/16")]  # narrowed by the responder
+    assert len(child.encr_out) == 32 and len(child.integ_out) == 32
+
+
+def test_invalid_ke_payload_retry() -> None:
+    i, r = pair({"ike_proposals": parse_proposals("aes128gcm16-prfsha256-ecp256-x25519",
+                                                  "ike")})
+    i.initiate(0.0)
+    first = i.datagrams_to_send(0.0)
+    ke = decode_message(first[0][0]).find(KePayload)
+    assert isinstance(ke, KePayload) and ke.group == DhId.ECP256
+    r.receive_datagram(first[0][0], I_ADDR, 0.0)
+    reply = r.datagrams_to_send(0.0)
+    invalid_ke = decode_message(reply[0][0]).notify(NotifyType.INVALID_KE_PAYLOAD)
+    assert invalid_ke is not None and invalid_ke.data == struct.pack("!H", DhId.CURVE25519)
+    i.receive_datagram(reply[0][0], R_ADDR, 0.0)
+    pump(i, r)
+    assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
+
+
+def test_wrong_psk_fails_both_sides() -> None:
+    i, r = pair(r_over={"psk": b"another secret"})
+    i.initiate(0.0)
+    pump(i, r)
+    assert r.state is State.FAILED and i.state is State.FAILED
+    assert events(r)[-1] == IkeSaFailed("peer AUTH does not verify",
+                                        NotifyType.AUTHENTICATION_FAILED)
+    assert events(i)[-1].notify == NotifyType.AUTHENTICATION_FAILED
+
+
+def test_unexpected_peer_identity_rejected() -> None:
+    i, r = pair(r_over={"remote_id": (IdType.FQDN, b"bob")})
+    i.initiate(0.0)
+    pump(i, r)
+    assert r.state is State.FAILED and i.state is State.FAILED
+
+
+def test_no_proposal_chosen() -> None:
+    i, r = pair(r_over={"ike_proposals": parse_proposals("aes256-sha512-modp4096", "ike")})
+    i.initiate(0.0)
+    pump(i, r)
+    assert i.state is State.FAILED
+    assert events(i)[-1].notify == NotifyType.NO_PROPOSAL_CHOSEN
+
+
+def test_child_proposal_mismatch_keeps_ike_sa() -> None:
+    i, r = pair(r_over={"esp_proposals": parse_proposals("aes256-sha384", "esp")})
+    i.initiate(0.0)
+    pump(i, r)
+    assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
+    ie = events(i)
+    assert isinstance(ie[0], IkeSaEstablished)
+    assert ie[1] == IkeSaFailed("Child SA not created", NotifyType.NO_PROPOSAL_CHOSEN)
+
+
+def test_ts_unacceptable() -> None:
+    i, r = pair(r_over={"remote_ts": [ts("172.16.0.0/12")]})
+    i.initiate(0.0)
+    pump(i, r)
+    assert events(i)[-1].notify == NotifyType.TS_UNACCEPTABLE
+
+
+def test_transport_mode_negotiated() -> None:
+    i, r = pair({"transport_mode": True}, {"transport_mode": True})
+    i.initiate(0.0)
+    pump(i, r)
+    assert events(i)[1].transport_mode and events(r)[1].transport_mode
+
+
+def test_retransmission_backoff_and_give_up() -> None:
+    i, _ = pair()
+    i.initiate(0.0)
+    first = i.datagrams_to_send(0.0)
+    assert i.get_timer() == 2.0
+    i.handle_timer(1.0)
+    assert i.datagrams_to_send(1.0) == []
+    now = 0.0
+    resent = []
+    for _ in range(10):
+        deadline = i.get_timer()
+        if deadline is None:
+            break
+        now = deadline
+        i.handle_timer(now)
+        resent += i.datagrams_to_send(now)
+    assert [d for d, _ in resent] == [first[0][0]] * 4  # 5 transmissions in all
+    assert now == 2.0 + 4.0 + 8.0 + 16.0 + 32.0
+    assert i.state is State.FAILED and i.get_timer() is None
+
+
+def test_lost_auth_response_is_resent_from_cache() -> None:
+    i, r = pair()
+    i.initiate(0.0)
+    r.receive_datagram(i.datagrams_to_send(0.0)[0][0], I_ADDR, 0.0)
+    i.receive_datagram(r.datagrams_to_send(0.0)[0][0], R_ADDR, 0.0)
+    auth_req = i.datagrams_to_send(0.0)[0][0]
+    r.receive_datagram(auth_req, I_ADDR, 0.0)
+    lost = r.datagrams_to_send(0.0)
+    assert r.state is State.ESTABLISHED
+    i.handle_timer(2.0)
+    again = i.datagrams_to_send(2.0)
+    assert again[0][0] == auth_req
+    r.receive_datagram(again[0][0], I_ADDR, 2.0)
+    cached = r.datagrams_to_send(2.0)
+    assert cached == lost
+    i.receive_datagram(cached[0][0], R_ADDR, 2.0)
+    assert i.state is State.ESTABLISHED
+    assert len([e for e in events(r) if isinstance(e, IkeSaEstablished)]) == 1
+
+
+def test_garbage_and_tampered_messages_are_dropped() -> None:
+    i, r = pair()
+    i.initiate(0.0)
+    r.receive_datagram(i.datagrams_to_send(0.0)[0][0], I_ADDR, 0.0)
+    resp = r.datagrams_to_send(0.0)[0][0]
+    i.receive_datagram(resp, R_ADDR, 0.0)
+    auth_req = bytearray(i.datagrams_to_send(0.0)[0][0])
+    r.receive_datagram(b"\x00" * 10, I_ADDR, 0.0)
+    auth_req[-1] ^= 1
+    r.receive_datagram(bytes(auth_req), I_ADDR, 0.0)
+    assert r.drops == 2 and r.state is State.INIT_DONE and r.datagrams_to_send(0.0) == []
+
+
+def test_nat_detected_when_addresses_differ() -> None:
+    i = IkeSa(config("i"), initiator=True, local_addr=("10.0.0.5", 500), remote_addr=R_ADDR,
+              child_spi=b"\x00\x00\x00\x05")
+    r = IkeSa(config("r"), initiator=False, local_addr=R_ADDR,
+              remote_addr=("203.0.113.7", 4500), child_spi=b"\x00\x00\x00\x06")
+    i.initiate(0.0)
+    pump(i, r)
+    ie, re_ = events(i), events(r)
+    assert ie[0].local_behind_nat and not ie[0].remote_behind_nat
+    assert re_[0].remote_behind_nat and not re_[0].local_behind_nat
+
+
+def test_responder_answers_missing_payloads_with_invalid_syntax() -> None:
+    _, r = pair()
+    bare = Message(ExchangeType.IKE_SA_INIT, 0, b"\x01" * 8, bytes(8), 0x08,
+                   [NotifyPayload(NotifyType.INITIAL_CONTACT)])
+    r.receive_datagram(encode_message(bare), I_ADDR, 0.0)
+    out = r.datagrams_to_send(0.0)
+    assert decode_message(out[0][0]).notify(NotifyType.INVALID_SYNTAX) is not None
+    assert r.state is State.FAILED
+    assert not any(isinstance(p, SaPayload) for p in decode_message(out[0][0]).payloads)
