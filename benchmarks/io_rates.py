@@ -17,6 +17,7 @@ import socket
 import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 from scapy.layers.inet import IP, UDP
 
@@ -41,7 +42,7 @@ def _blast(ns: Netns, dst: tuple[str, int], seconds: float, family: int,
     done.send(sent)
 
 
-def _in_child(target: Callable[..., None], *args: object) -> tuple[mp.Process, Connection]:
+def _in_child(target: Callable[..., None], *args: object) -> tuple[BaseProcess, Connection]:
     parent, child = CTX.Pipe(duplex=False)
     proc = CTX.Process(target=target, args=(*args, child), daemon=True)
     proc.start()

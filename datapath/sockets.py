@@ -16,7 +16,7 @@ import struct
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 SOL_UDP = 17
 UDP_SEGMENT = 103
@@ -113,32 +113,63 @@ def enable_udp_gro(sock: socket.socket) -> bool:
     return True
 
 
-class UdpSocket:
+class _OuterSocket:
+    """What both outer sockets share: the socket, counters, a counted-drop send, closing."""
+
+    __slots__ = ("sock", "family", "stats")
+
+    def __init__(self, sock: socket.socket, family: int) -> None:
+        self.sock = sock
+        self.family = family
+        self.stats = SocketStats()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def _sendto(self, data: Buffer, addr: Address) -> bool:
+        try:
+            self.sock.sendto(data, addr)
+        except OSError as exc:
+            if exc.errno in _TRANSIENT:
+                self.stats.tx_dropped += 1
+                return False
+            raise
+        self.stats.tx_datagrams += 1
+        return True
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class UdpSocket(_OuterSocket):
     """Non-blocking UDP socket (default port 4500) with GSO send and GRO receive when possible."""
 
-    __slots__ = ("sock", "family", "gso", "gro", "stats", "_max_payload")
+    __slots__ = ("gso", "gro", "_max_payload")
 
     def __init__(self, family: int = socket.AF_INET, host: str | None = None, port: int = 4500,
                  *, mark: int | None = None, bufsize: int = 8 << 20, gso: bool = True,
                  gro: bool = True) -> None:
-        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             if family == socket.AF_INET6:
-                self.sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            _setup(self.sock, mark, bufsize)
-            self.sock.bind((host if host is not None else ("::" if family == socket.AF_INET6
-                                                            else "0.0.0.0"), port))
-            self.gso = gso and probe_udp_gso(self.sock)
-            self.gro = gro and enable_udp_gro(self.sock)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            _setup(sock, mark, bufsize)
+            sock.bind((host if host is not None else ("::" if family == socket.AF_INET6
+                                                       else "0.0.0.0"), port))
+            self.gso = gso and probe_udp_gso(sock)
+            self.gro = gro and enable_udp_gro(sock)
         except BaseException:
-            self.sock.close()
+            sock.close()
             raise
-        self.family = family
-        self.stats = SocketStats()
+        super().__init__(sock, family)
         self._max_payload = _MAX_UDP_PAYLOAD[family]
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
 
     @property
     def address(self) -> Address:
@@ -218,15 +249,7 @@ class UdpSocket:
     # -- send ----------------------------------------------------------------------------
     def send(self, datagram: Buffer, addr: Address) -> bool:
         """Send one datagram; False (counted) if the kernel refused it for now."""
-        try:
-            self.sock.sendto(datagram, addr)
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                self.stats.tx_dropped += 1
-                return False
-            raise
-        self.stats.tx_datagrams += 1
-        return True
+        return self._sendto(datagram, addr)
 
     def send_batch(self, datagrams: Sequence[Buffer], addr: Address) -> int:
         """Send datagrams to addr in order, one GSO syscall per run of equal sizes.
@@ -281,37 +304,24 @@ class UdpSocket:
         self.stats.tx_datagrams += len(run)
         return True
 
-    def close(self) -> None:
-        self.sock.close()
 
-    def __enter__(self) -> UdpSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class RawEspSocket:
+class RawEspSocket(_OuterSocket):
     """Raw IP protocol 50 socket. IPv4 receives include the IP header, IPv6 ones do not:
     recv_batch points every datagram at the ESP header in both cases."""
 
-    __slots__ = ("sock", "family", "stats")
+    __slots__ = ()
 
     def __init__(self, family: int = socket.AF_INET, bind_addr: str | None = None, *,
                  mark: int | None = None, bufsize: int = 8 << 20) -> None:
-        self.sock = socket.socket(family, socket.SOCK_RAW, IPPROTO_ESP)
+        sock = socket.socket(family, socket.SOCK_RAW, IPPROTO_ESP)
         try:
-            _setup(self.sock, mark, bufsize)
+            _setup(sock, mark, bufsize)
             if bind_addr is not None:
-                self.sock.bind((bind_addr, 0))
+                sock.bind((bind_addr, 0))
         except BaseException:
-            self.sock.close()
+            sock.close()
             raise
-        self.family = family
-        self.stats = SocketStats()
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
+        super().__init__(sock, family)
 
     def recv_batch(self, batch: DatagramBatch, limit: int | None = None) -> int:
         """Drain ready ESP packets into batch; returns batch.count. addr[i] is (peer, 0...)."""
@@ -350,22 +360,4 @@ class RawEspSocket:
 
     def send(self, esp: Buffer, peer: str) -> bool:
         """Send an ESP packet (SPI onwards); the kernel adds the IP header."""
-        try:
-            self.sock.sendto(esp, (peer, 0))
-        except OSError as exc:
-            if exc.errno in _TRANSIENT:
-                self.stats.tx_dropped += 1
-                return False
-            raise
-        self.stats.tx_datagrams += 1
-        return True
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-    def __enter__(self) -> RawEspSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self._sendto(esp, (peer, 0))

@@ -337,6 +337,31 @@ def collect(poll: Callable[[], list[T]], want: int, timeout: float = 3.0) -> lis
     return got
 
 
+def run_as_nobody(fn: Callable[[], str], ns: Netns | None = None) -> str:
+    """Fork, drop to uid/gid 65534 (inside ns if given), return fn()'s text or 'error: ...'."""
+    r, w = os.pipe()
+    with ns.entered() if ns is not None else contextlib.nullcontext():
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+                text = fn()
+            except BaseException as exc:  # report, never raise in a forked child
+                text = f"error: {exc}"
+            try:
+                os.write(w, text.encode())
+            finally:
+                os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        result = f.read().decode()
+    os.waitpid(pid, 0)
+    return result
+
+
 def _default_via(ns: Netns, gw: Site) -> None:
     ns.add_route("default", via=gw.ip4)
     ns.ip("-6", "route", "replace", "default", "via", gw.ip6)

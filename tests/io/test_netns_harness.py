@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import time
@@ -18,6 +17,7 @@ from tests.netns import (
     check_prerequisites,
     collect,
     list_namespaces,
+    run_as_nobody,
 )
 
 Received = tuple[bytes, tuple[Any, ...]]
@@ -82,26 +82,14 @@ def test_processes_are_killed_by_pid_and_only_ours() -> None:
 
 
 def test_prerequisite_check_fails_clearly_when_not_root() -> None:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: drop to nobody and report what the check says
+    def check() -> str:
         try:
-            os.close(r)
-            os.setgid(65534)
-            os.setuid(65534)
-            try:
-                check_prerequisites()
-                text = "no error"
-            except HarnessError as exc:
-                text = str(exc)
-            os.write(w, text.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        msg = f.read().decode()
-    os.waitpid(pid, 0)
-    assert "must run as root" in msg
+            check_prerequisites()
+        except HarnessError as exc:
+            return str(exc)
+        return "no error"
+
+    assert "must run as root" in run_as_nobody(check)
 
 
 def test_plain_topology_dual_stack_and_isolated_lans(netns_harness: NetnsHarness) -> None:

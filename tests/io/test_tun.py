@@ -15,7 +15,7 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet, Raw
 
 from datapath.tun import PacketSlots, TunDevice
-from tests.netns import Netns, NetnsHarness, collect
+from tests.netns import Netns, NetnsHarness, collect, run_as_nobody
 
 ADDRS = ("10.9.0.1/24", "fd09::1/64")
 
@@ -127,28 +127,11 @@ def test_bad_write_is_counted_not_raised(netns_harness: NetnsHarness) -> None:
 
 
 def _attach_as_nobody(ns: Netns, name: str, dev_path: str) -> str:
-    """Fork, drop to uid/gid 65534, attach to TUN name; returns its name or the error text."""
-    r, w = os.pipe()
-    with ns.entered():
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(r)
-                os.setgroups([])
-                os.setgid(65534)
-                os.setuid(65534)
-                tun = TunDevice(name, dev_path=dev_path)
-                os.write(w, tun.name.encode())
-                tun.close()
-            except BaseException as exc:  # report, never raise in a forked child
-                os.write(w, f"error: {exc}".encode())
-            finally:
-                os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        result = f.read().decode()
-    os.waitpid(pid, 0)
-    return result
+    def attach() -> str:
+        with TunDevice(name, dev_path=dev_path) as tun:
+            return tun.name
+
+    return run_as_nobody(attach, ns)
 
 
 @pytest.fixture
