@@ -51,15 +51,16 @@ def _udp(ns: Netns, family: int, port: int = 0) -> socket.socket:
     return s
 
 
-def test_namespaces_are_removed_after_an_exception() -> None:
+@pytest.mark.parametrize("exc_type", [RuntimeError, KeyboardInterrupt])
+def test_namespaces_are_removed_after_an_exception(exc_type: type[BaseException]) -> None:
     names: list[str] = []
-    with pytest.raises(RuntimeError, match="boom"), NetnsHarness() as h:
+    with pytest.raises(exc_type, match="boom"), NetnsHarness() as h:
         a, b = h.netns("a"), h.netns("b")
         h.veth(a, b)
         proc = a.spawn("sleep", "30")
         names = [a.name, b.name]
         assert set(names) <= set(list_namespaces())
-        raise RuntimeError("boom")
+        raise exc_type("boom")
     assert names and not set(names) & set(list_namespaces())
     assert proc.poll() is not None, "background process survived the harness"
     assert not [n for n in list_namespaces() if n.startswith(f"uit-{h.tag}")]
