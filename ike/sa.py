@@ -224,7 +224,8 @@ class IkeSa:
         except IkeParseError:
             self.drops += 1  # unauthenticated garbage: never answered (RFC 7296 2.21.1)
             return
-        if msg.spi_i != self.spi_i and not (not self.initiator and self.state is State.IDLE):
+        bound = self.initiator or self.state is not State.IDLE  # responder learns SPIi first
+        if bound and msg.spi_i != self.spi_i:
             self.drops += 1
             return
         try:
