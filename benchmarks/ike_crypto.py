@@ -17,7 +17,14 @@ from ike.constants import DhId, EncrId, ExchangeType, IdType, IntegId, PrfId
 from ike.crypto import derive_ike_keys, ike_sa_ciphers
 from ike.dh import new_key_exchange
 from ike.message import Message, decode_message, decrypt_message, encrypt_message
-from ike.payloads import AuthPayload, IdiPayload, NotifyPayload, TrafficSelector, TsiPayload
+from ike.payloads import (
+    AuthPayload,
+    IdiPayload,
+    NotifyPayload,
+    Payload,
+    TrafficSelector,
+    TsiPayload,
+)
 from ike.proposals import parse_proposals
 from ike.sa import IkeConfig, IkeSa
 from ike.transforms import TransformSet
@@ -37,7 +44,7 @@ def rate(fn: Callable[[], object], seconds: float = 0.5, max_iter: int = 200_000
 
 def sk_figures() -> None:
     net = ipaddress.ip_network("10.0.0.0/8")
-    inner = [IdiPayload(IdType.FQDN, b"alice.example"), AuthPayload(2, b"A" * 32),
+    inner: list[Payload] = [IdiPayload(IdType.FQDN, b"alice.example"), AuthPayload(2, b"A" * 32),
              NotifyPayload(16384), TsiPayload([TrafficSelector(net[0], net[-1])])]
     msg = Message(ExchangeType.IKE_AUTH, 1, b"i" * 8, b"r" * 8, 0x08)
     for name, suite in (
