@@ -31,6 +31,7 @@ plugs in here once the daemon exists.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import json
 import os
@@ -220,8 +221,8 @@ def spread(values: Sequence[float], fmt: str = "{:.1f}") -> str:
 
 
 def print_report(all_results: dict[str, dict[str, list[Sample]]], cases: dict[str, Case]) -> None:
-    print(f"{'case':<12} {'test':<12} {'Mbit/s med [min-max]':<26} {'kpps':<18} "
-          f"{'loss %':<16} CPU % of one core (med)")
+    print(f"{'case':<12} {'test':<10} {'Mbit/s med [min-max]':<26} {'kpps':<22} "
+          f"{'loss %':<20} CPU % of one core (med)")
     for case_name, results in all_results.items():
         for test, samples in results.items():
             ok = [s for s in samples if not s.error]
@@ -229,9 +230,9 @@ def print_report(all_results: dict[str, dict[str, list[Sample]]], cases: dict[st
             cpu = " ".join(f"{n} {statistics.median(s.cpu_pct[n] for s in ok):.0f}"
                            for n in cpu_names) or "-"
             errors = f" ({len(samples) - len(ok)} failed)" if len(ok) < len(samples) else ""
-            print(f"{case_name:<12} {test:<12} {spread([s.mbit_s for s in ok]):<26} "
-                  f"{spread([s.pps / 1000 for s in ok], '{:.2f}'):<18} "
-                  f"{spread([s.loss_pct for s in ok], '{:.2f}'):<16} {cpu}{errors}")
+            print(f"{case_name:<12} {test:<10} {spread([s.mbit_s for s in ok]):<26} "
+                  f"{spread([s.pps / 1000 for s in ok], '{:.2f}'):<22} "
+                  f"{spread([s.loss_pct for s in ok], '{:.2f}'):<20} {cpu}{errors}")
     if REFERENCE_CASE not in all_results:
         return
     print(f"\nratio of median Mbit/s to {REFERENCE_CASE} ({cases[REFERENCE_CASE].description}):")
@@ -258,10 +259,11 @@ def print_report(all_results: dict[str, dict[str, list[Sample]]], cases: dict[st
               help=f"Comma-separated built-in cases: {', '.join(CASES)}.")
 @click.option("--case", "extra", multiple=True, metavar="NAME=module:function",
               help="Add a case from a gateway starter function (see module docstring).")
+@click.option("--nat", is_flag=True, help="Put a masquerading NAT namespace between the gateways.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None,
               help="Also write all samples to this file as JSON.")
 def main(duration: float, runs: int, udp_rates: str, udp_len: int, no_tcp: bool,
-         case_names: str, extra: tuple[str, ...], json_path: str | None) -> None:
+         case_names: str, extra: tuple[str, ...], nat: bool, json_path: str | None) -> None:
     """Measure hostL->hostR throughput through each case's gateways (see module docstring)."""
     if os.geteuid() != 0:
         raise click.UsageError("run as root: the benchmark builds network namespaces")
@@ -275,6 +277,8 @@ def main(duration: float, runs: int, udp_rates: str, udp_len: int, no_tcp: bool,
     for spec in extra:
         case = load_case(spec)
         cases[case.name] = case
+    if nat:
+        cases = {name: dataclasses.replace(case, nat=True) for name, case in cases.items()}
     tests: list[tuple[str, list[str], int]] = []
     if not no_tcp:
         tests.append(("tcp", ["-t", str(duration)], 0))
@@ -286,7 +290,7 @@ def main(duration: float, runs: int, udp_rates: str, udp_len: int, no_tcp: bool,
         print(f"case {case.name}: {case.description}", file=sys.stderr)
         all_results[case.name] = run_case(case, tests, runs, duration)
     print(f"\nhostL -> hostR, {runs} run(s) x {duration:g} s, UDP payload {udp_len} B, "
-          f"({udp_len + 28}-byte IP packets), {os.cpu_count()} CPUs")
+          f"({udp_len + 28}-byte IP packets), {os.cpu_count()} CPUs{', via NAT' if nat else ''}")
     print_report(all_results, cases)
     if json_path:
         with open(json_path, "w") as f:

@@ -14,11 +14,9 @@ Child SA's local subnet: libipsec routes use it as source.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -26,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from benchmarks.topology import stop_process
 
 CHARON_PATH = Path("/usr/lib/ipsec/charon")
 PLUGIN_DIR = Path("/usr/lib/ipsec/plugins")
@@ -424,15 +424,8 @@ class Charon:
         """SIGTERM charon by PID, SIGKILL after STOP_TIMEOUT; remove the work dir."""
         proc, self.process = self.process, None
         try:
-            if proc is not None and proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=STOP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait(timeout=STOP_TIMEOUT)
+            if proc is not None:
+                stop_process(proc, STOP_TIMEOUT)
         finally:
             if not self.keep_dir and self._workdir is not None:
                 shutil.rmtree(self._workdir, ignore_errors=True)

@@ -115,6 +115,21 @@ def test_psk_tunnel_carries_ping_encrypted(topo: Topology) -> None:
     assert not Path(left.workdir).exists()
 
 
+def test_psk_tunnel_through_nat() -> None:
+    require_strongswan()
+    with topology(nat=True) as natted:
+        left, right = make_charons(natted)
+        with left, right:
+            left.initiate("net")
+            assert natted.ping(natted.host_l, HOST_R_ADDR, count=3) == 3
+            [seen_by_right] = right.list_sas()
+            # gwR talks to the NAT's outside address, not gwL's own 198.18.3.1.
+            assert (seen_by_right.state, seen_by_right.remote_host) == (
+                "ESTABLISHED", natted.gw_l_seen_by_r)
+            assert left.list_sas()[0].local_host == natted.gw_l_outer != natted.gw_l_seen_by_r
+            assert right.child_sa("net").packets_in >= 3
+
+
 def test_stop_ends_charon_and_missing_peer_is_a_clear_error(topo: Topology) -> None:
     left, _ = make_charons(topo)
     with left:
