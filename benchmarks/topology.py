@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LEFT_NET = "198.18.1.0/24"
 RIGHT_NET = "198.18.2.0/24"
@@ -225,12 +226,29 @@ def _build(topo: Topology, cleartext_routes: bool) -> None:
         _route(topo.gw_r, LEFT_NET, GW_L_WAN)
 
 
+NS_PREFIX = "uip"
+
+
+def sweep_stale() -> list[str]:
+    """Delete namespaces named by ``topology()`` whose creating process is gone (a killed run)."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in os.listdir("/run/netns"):
+            pid = name[len(NS_PREFIX):].split("-", 1)[0]
+            if name.startswith(NS_PREFIX) and pid.isdigit() and not Path(f"/proc/{pid}").exists():
+                run(["ip", "netns", "del", name], check=False)
+                removed.append(name)
+    return removed
+
+
 @contextlib.contextmanager
 def topology(
     prefix: str | None = None, *, nat: bool = False, cleartext_routes: bool = False
 ) -> Iterator[Topology]:
     """Build the topology in fresh namespaces named ``<prefix>-<role>``; always tear it down."""
-    prefix = prefix or f"uip{os.getpid()}-{time.monotonic_ns() % 100000}"
+    if prefix is None:
+        sweep_stale()
+        prefix = f"{NS_PREFIX}{os.getpid()}-{time.monotonic_ns() % 100000}"
     topo = Topology(
         host_l=f"{prefix}-hostL", gw_l=f"{prefix}-gwL", gw_r=f"{prefix}-gwR",
         host_r=f"{prefix}-hostR", nat=f"{prefix}-nat" if nat else None,
