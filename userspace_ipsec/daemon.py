@@ -14,13 +14,14 @@ import time
 from pathlib import Path
 
 from .config import Config, DaemonConfig
-from .kernel import Kernel
+from .kernel import Kernel, KernelOptions
 from .pfkey.server import PfkeyServer
 from .rundir import RunDir, RunDirLock
 
 log = logging.getLogger(__name__)
 
-# Upper bound on how long the timer sleeps, so a clock step never strands a deadline for long.
+# Upper bound on how long the timer sleeps: a deadline that moves closer (a new SA with a short
+# lifetime) or a clock step is noticed within this.
 MAX_TIMER_SLEEP = 1.0
 
 
@@ -30,16 +31,17 @@ class Daemon:
         self.config = config or Config(daemon=DaemonConfig())
         daemon_config = self.config.daemon
         self.kernel = Kernel(
-            allow_weak=daemon_config.allow_weak_algorithms,
-            larval_timeout=daemon_config.larval_timeout,
-            acquire_interval=daemon_config.acquire_interval,
+            KernelOptions(
+                allow_weak=daemon_config.allow_weak_algorithms,
+                larval_timeout=daemon_config.larval_timeout,
+                acquire_interval=daemon_config.acquire_interval,
+            )
         )
         self.pfkey = PfkeyServer(
             self.kernel, self.run_dir.pfkey_socket, group=daemon_config.pfkey_group
         )
         self._lock = RunDirLock(self.run_dir)
         self._stop = asyncio.Event()
-        self._timer_wakeup = asyncio.Event()
 
     async def run(self) -> None:
         """Serve until SIGTERM or SIGINT. Raises RunDirError before serving if the run directory
@@ -71,8 +73,4 @@ class Daemon:
             self.pfkey.dispatch(None, self.kernel.tick(now))
             deadline = self.kernel.next_deadline()
             delay = MAX_TIMER_SLEEP if deadline is None else max(0.0, deadline - now)
-            self._timer_wakeup.clear()
-            try:
-                await asyncio.wait_for(self._timer_wakeup.wait(), min(delay, MAX_TIMER_SLEEP))
-            except TimeoutError:
-                pass
+            await asyncio.sleep(min(delay, MAX_TIMER_SLEEP))
