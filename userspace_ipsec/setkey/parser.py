@@ -175,6 +175,8 @@ class _Parser:
         self.cur = Cursor(tokenize(text, filename), filename)
         self.rfc_mode = rfc_mode
         self.resolve = resolve
+        # Selectors that got a fwd policy (explicit or RFC-mode twin) in spdadd: line of origin.
+        self.fwd_selectors: dict[tuple[object, ...], int] = {}
 
     def error(self, token: Token, reason: str, shown: str | None = None) -> SetkeyError:
         return self.cur.error(token, reason, shown)
@@ -324,7 +326,17 @@ class _Parser:
             if sec_ctx is not None:
                 ext[ExtType.X_SEC_CTX] = sec_ctx
             messages.append(Message(_MSG_TYPES[kind], SaType.UNSPEC, ext=ext))
-        return self.command(kind, token, messages)
+        warnings = []
+        if kind is CommandKind.SPDADD and any(p.dir is PolicyDir.FWD for p in policies):
+            selector = (src_addr, src.prefixlen, dst_addr, dst.prefixlen, upper, sport, dport)
+            first = self.fwd_selectors.setdefault(selector, token.line)
+            if first != token.line:
+                warnings.append(
+                    f"a fwd policy for this selector already comes from line {first}"
+                    + (" (setkey's RFC mode twins every in policy; use -k)" if self.rfc_mode
+                       else "")
+                )
+        return self.command(kind, token, messages, warnings=warnings)
 
     # -- pieces ---------------------------------------------------------------------------
 
