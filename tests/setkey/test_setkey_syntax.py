@@ -72,6 +72,13 @@ def test_pad_option_is_accepted_with_a_warning() -> None:
     assert any("-f zero-pad" in w for w in cmd.warnings)
 
 
+def test_cipher_without_integrity_warns() -> None:
+    (cmd,) = parse_script(f"add 192.0.2.1 198.51.100.1 esp 0x1234 -E aes-cbc {K128};")
+    assert cmd.warnings == ["aes-cbc without -A: no integrity protection"]
+    (aead,) = parse_script(f"add 192.0.2.1 198.51.100.1 esp 0x1234 -E aes-gcm-16 {K160};")
+    assert aead.warnings == []
+
+
 def test_only_soft_lifetime_gives_no_hard_extension() -> None:
     msg = msg_of(f"add 192.0.2.1 198.51.100.1 esp 300 -ls 10 -E aes-gcm-16 {K160};")
     assert ExtType.LIFETIME_HARD not in msg.ext

@@ -283,6 +283,9 @@ class _Parser:
                 for alg in (algs.encrypt, algs.auth)
                 if alg is not None and alg.weak
             ]
+            if proto.satype is SaType.ESP and algs.auth is None and algs.encrypt is not None \
+                    and algs.encrypt.kind is AlgKind.CIPHER:
+                warnings.append(f"{algs.encrypt.name} without -A: no integrity protection")
         return self.command(kind, token, messages, warnings=warnings)
 
     def spd_statement(self, kind: CommandKind, token: Token) -> Command:
