@@ -80,12 +80,14 @@ class Audience(Enum):
     SENDER = "sender"  # Delivery.to only
     ALL = "all"  # every open socket
     REGISTERED = "registered"  # sockets registered for any SA type (as Linux), plus .to
+    PROMISC = "promisc"  # copies of requests for sockets in promiscuous mode (setkey -x)
 
 
 @dataclass(slots=True)
 class Delivery:
     """One message (or a dump's stream of messages) and who receives it.
 
+    Promiscuous sockets also receive every single-message delivery (not streams).
     ``uipsec`` is added to ``message`` for sockets that opted in to the private extension
     (``Kernel.message_for``); a stream is already built for its one recipient.
     """
@@ -122,6 +124,7 @@ class KernelOptions:
 class _Socket:
     registered: set[int] = field(default_factory=set)
     uipsec: bool = False
+    promisc: bool = False
     larval: set[SecurityAssociation] = field(default_factory=set)
 
 
@@ -164,6 +167,7 @@ class Kernel:
             MsgType.X_SPDGET: self._spdget,
             MsgType.X_SPDFLUSH: self._spdflush,
             MsgType.X_SPDDUMP: self._spddump,
+            MsgType.X_PROMISC: self._promisc,
         }
 
     # -- sockets -----------------------------------------------------------------------------
@@ -186,13 +190,14 @@ class Kernel:
         """The socket ids a delivery goes to (``sender``: default for Audience.SENDER)."""
         if delivery.audience is Audience.ALL:
             return list(self._sockets)
-        if delivery.audience is Audience.REGISTERED:
-            ids = [s for s, sock in self._sockets.items() if sock.registered]
-            if delivery.to is not None and delivery.to not in ids and delivery.to in self._sockets:
-                ids.append(delivery.to)
-            return ids
+        ids = [s for s, sock in self._sockets.items()
+               if (sock.promisc and delivery.stream is None)
+               or (sock.registered and delivery.audience is Audience.REGISTERED)]
         to = delivery.to if delivery.to is not None else sender
-        return [to] if to is not None and to in self._sockets else []
+        if (delivery.audience is not Audience.PROMISC and to is not None and to not in ids
+                and to in self._sockets):
+            ids.append(to)
+        return ids
 
     def message_for(self, delivery: Delivery, sock_id: int) -> Message:
         """The delivery's message as socket ``sock_id`` gets it."""
@@ -216,16 +221,20 @@ class Kernel:
             return []
         if msg.uipsec is not None:
             sock.uipsec = True
+        out: list[Delivery] = []
+        if any(s.promisc for s in self._sockets.values()):
+            out.append(Delivery(Audience.PROMISC, _without_keys(msg)))
         handler = self._handlers.get(msg.type)
         try:
             if handler is None:
                 raise Refused(errno.EOPNOTSUPP, f"{_name(msg.type)} is not a request")
-            return handler(sock_id, msg, now)
+            out.extend(handler(sock_id, msg, now))
         except Refused as exc:
             log.debug("pfkey: socket %d: %s refused (%s): %s", sock_id, _name(msg.type),
                       errno.errorcode.get(exc.errno, exc.errno), exc.reason)
             reply = Message(msg.type, msg.satype, msg.seq, msg.pid, exc.errno)
-            return [Delivery(Audience.SENDER, reply, to=sock_id)]
+            out.append(Delivery(Audience.SENDER, reply, to=sock_id))
+        return out
 
     # SA messages
 
@@ -355,6 +364,13 @@ class Kernel:
     def _acquire_reply(self, sock_id: int, msg: Message, now: float) -> list[Delivery]:
         """A key manager's ACQUIRE (with errno: it failed to negotiate); nothing to answer."""
         return []
+
+    def _promisc(self, sock_id: int, msg: Message, now: float) -> list[Delivery]:
+        """X_PROMISC: satype 1 turns promiscuous mode on, 0 off (Linux); echoed to all."""
+        if msg.satype not in (0, 1):
+            raise einval("X_PROMISC takes SA type 0 (off) or 1 (on)")
+        self._sockets[sock_id].promisc = bool(msg.satype)
+        return [Delivery(Audience.ALL, Message(MsgType.X_PROMISC, msg.satype, msg.seq, msg.pid))]
 
     # SPD messages
 
@@ -569,6 +585,15 @@ class Kernel:
         self._next_reqid = self._next_reqid + 1 if self._next_reqid < 0xFFFFFFFF else (
             IPSEC_MANUAL_REQID_MAX + 1)
         return self._next_reqid
+
+
+def _without_keys(msg: Message) -> Message:
+    """A request as promiscuous sockets see it: keys never leave the kernel unasked."""
+    if ExtType.KEY_AUTH not in msg.ext and ExtType.KEY_ENCRYPT not in msg.ext:
+        return msg
+    ext: dict[ExtType, Extension] = {
+        t: e for t, e in msg.ext.items() if t not in (ExtType.KEY_AUTH, ExtType.KEY_ENCRYPT)}
+    return replace(msg, ext=ext)
 
 
 def _name(msg_type: MsgType | int) -> str:

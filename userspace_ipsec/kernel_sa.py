@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Callable
-from dataclasses import replace
 
 from . import algorithms
 from .algorithms import AlgKind, Algorithm
@@ -148,9 +147,15 @@ def _natt(msg: Message) -> tuple[NatTType, int, int, IPAddress | None]:
     return ntype.type, sport.port, dport.port, oa.address if isinstance(oa, AddressExt) else None
 
 
+def copy_lifetime(lt: LifetimeExt) -> LifetimeExt:
+    """A copy, so no message shares a mutable extension with the SAD (dataclasses.replace
+    costs several times more, and dumps copy two per SA)."""
+    return LifetimeExt(lt.allocations, lt.bytes, lt.addtime, lt.usetime)
+
+
 def _lifetime(msg: Message, ext_type: ExtType) -> LifetimeExt:
     ext = msg.ext.get(ext_type)
-    return replace(ext) if isinstance(ext, LifetimeExt) else LifetimeExt()
+    return copy_lifetime(ext) if isinstance(ext, LifetimeExt) else LifetimeExt()
 
 
 def sa_from_message(msg: Message, satype: SaType, *, allow_weak: bool,
@@ -207,7 +212,7 @@ def sa_message(sa: SecurityAssociation, msg_type: MsgType, *, seq: int = 0, pid:
         ExtType.LIFETIME_CURRENT: sa.current_lifetime(),
     }
     for which in lifetimes:
-        ext[which] = replace(sa.hard if which == ExtType.LIFETIME_HARD else sa.soft)
+        ext[which] = copy_lifetime(sa.hard if which == ExtType.LIFETIME_HARD else sa.soft)
     ext[ExtType.ADDRESS_SRC] = AddressExt(sa.src)
     ext[ExtType.ADDRESS_DST] = AddressExt(sa.dst)
     if keys and sa.auth_key:

@@ -6,7 +6,7 @@ import errno
 from collections.abc import Callable
 from dataclasses import replace
 
-from .kernel_sa import Refused, address_pair, einval
+from .kernel_sa import Refused, address_pair, copy_lifetime, einval
 from .pfkey.constants import (
     IPPROTO_AH,
     IPPROTO_COMP,
@@ -93,8 +93,8 @@ def policy_from_message(msg: Message, supported: frozenset[int], new_reqid: Call
     hard, soft = msg.ext.get(ExtType.LIFETIME_HARD), msg.ext.get(ExtType.LIFETIME_SOFT)
     return Policy(
         selector, direction, pol.type, pol.priority, requests,
-        hard=replace(hard) if isinstance(hard, LifetimeExt) else LifetimeExt(),
-        soft=replace(soft) if isinstance(soft, LifetimeExt) else LifetimeExt(),
+        hard=copy_lifetime(hard) if isinstance(hard, LifetimeExt) else LifetimeExt(),
+        soft=copy_lifetime(soft) if isinstance(soft, LifetimeExt) else LifetimeExt(),
         add_time=now,
     )
 
@@ -117,7 +117,7 @@ def policy_message(policy: Policy, msg_type: MsgType, *, seq: int = 0, pid: int 
                                     [replace(r) for r in policy.requests]),
         ExtType.LIFETIME_CURRENT: LifetimeExt(0, 0, int(policy.add_time),
                                               int(policy.use_time)),
-        ExtType.LIFETIME_HARD: replace(policy.hard),
-        ExtType.LIFETIME_SOFT: replace(policy.soft),
+        ExtType.LIFETIME_HARD: copy_lifetime(policy.hard),
+        ExtType.LIFETIME_SOFT: copy_lifetime(policy.soft),
     }
     return Message(msg_type, SaType.UNSPEC, seq, pid, 0, ext)

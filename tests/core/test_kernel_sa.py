@@ -311,3 +311,25 @@ def test_close_socket_drops_its_larval_sas_and_registration() -> None:
     out = only(k.handle(t, Message(MsgType.FLUSH), NOW))
     assert k.recipients(out, t) == [t]
     assert k.handle(s, Message(MsgType.FLUSH), NOW) == []  # a closed socket is ignored
+
+
+def test_promiscuous_socket_sees_requests_without_keys_and_replies_to_others() -> None:
+    k = kernel()
+    watcher, actor = k.open_socket(), k.open_socket()
+    assert errno_of(k.handle(watcher, Message(MsgType.X_PROMISC, 2), NOW)) == errno.EINVAL
+    on = only(k.handle(watcher, Message(MsgType.X_PROMISC, 1), NOW))
+    assert on.audience is Audience.ALL
+    add = sa_msg(MsgType.ADD, 0x1000, seq=3)
+    got = received(k, k.handle(actor, add, NOW), actor)
+    request, broadcast = got[watcher]
+    assert request.type == MsgType.ADD and request.seq == 3
+    assert ExtType.KEY_ENCRYPT not in request.ext and ExtType.SA in request.ext
+    assert ExtType.KEY_ENCRYPT in add.ext  # the caller's message is left alone
+    assert broadcast.type == MsgType.ADD and got[actor] == [broadcast]
+    # A reply meant for the actor alone (an error) reaches the watcher too; a dump does not.
+    got = received(k, k.handle(actor, add, NOW), actor)
+    assert got[actor][0].errno == errno.EEXIST and got[watcher][-1].errno == errno.EEXIST
+    dump = k.handle(actor, Message(MsgType.DUMP), NOW)
+    assert [k.recipients(d, actor) for d in dump] == [[watcher], [actor]]
+    k.handle(watcher, Message(MsgType.X_PROMISC, 0), NOW)
+    assert set(received(k, k.handle(actor, key_msg(MsgType.GET, 0x1000), NOW), actor)) == {actor}
