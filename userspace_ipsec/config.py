@@ -87,7 +87,7 @@ def parse_daemon_table(
     table: dict[str, Any], path: str, locate: _Locator
 ) -> DaemonConfig:
     config = DaemonConfig()
-    known = {
+    known: dict[str, type | tuple[type, ...]] = {
         "pfkey_group": str,
         "allow_weak_algorithms": bool,
         "larval_timeout": (int, float),
