@@ -90,15 +90,23 @@ def _v6_pseudo_header(src: bytes, dst: bytes, length: int, proto: int) -> bytes:
     return src + dst + struct.pack("!IxxxB", length, proto)
 
 
+def _ip_version(packet: bytes | bytearray | memoryview) -> int:
+    """4 or 6, once the packet is known to hold that version's fixed header."""
+    if not len(packet):
+        raise MalformedPacket("empty packet")
+    version = packet[0] >> 4
+    if version not in (4, 6):
+        raise MalformedPacket(f"IP version {version}")
+    if len(packet) < (20 if version == 4 else 40):
+        raise MalformedPacket(f"IPv{version} packet shorter than its header")
+    return version
+
+
 def parse(packet: bytes | bytearray | memoryview) -> PacketInfo:
     """Selectors and layout of an IPv4 or IPv6 packet."""
     n = len(packet)
-    if n < 1:
-        raise MalformedPacket("empty packet")
-    version = packet[0] >> 4
+    version = _ip_version(packet)
     if version == 4:
-        if n < 20:
-            raise MalformedPacket("IPv4 packet shorter than its header")
         vihl, _tos, length, _ident, frag, _ttl, proto, _csum, src, dst = _V4.unpack_from(packet)
         ihl = (vihl & 0x0F) * 4
         if ihl < 20 or ihl > n or length < ihl or length > n:
@@ -106,41 +114,37 @@ def parse(packet: bytes | bytearray | memoryview) -> PacketInfo:
         offset = frag & 0x1FFF
         fragment = bool(frag & 0x2000) or offset != 0
         return _with_ports(version, src, dst, proto, ihl, length, packet, fragment, offset == 0)
-    if version == 6:
-        if n < 40:
-            raise MalformedPacket("IPv6 packet shorter than its header")
-        _vtf, plen, nh, _hop, src, dst = _V6.unpack_from(packet)
-        length = 40 + plen
-        if length > n:
-            raise MalformedPacket("IPv6 payload length beyond the packet")
-        at = 40
-        first = True
-        fragment = False
-        for _ in range(16):  # bounded walk over extension headers
-            if nh in _GENERIC_EXT:
-                if at + 8 > length:
-                    raise MalformedPacket("truncated IPv6 extension header")
-                nxt, size = packet[at], (packet[at + 1] + 1) * 8
-            elif nh == _FRAGMENT:
-                if at + 8 > length:
-                    raise MalformedPacket("truncated IPv6 fragment header")
-                fragment = True
-                first = (_U16.unpack_from(packet, at + 2)[0] >> 3) == 0
-                nxt, size = packet[at], 8
-            elif nh == PROTO_AH:
-                if at + 8 > length:
-                    raise MalformedPacket("truncated AH header")
-                nxt, size = packet[at], (packet[at + 1] + 2) * 4
-            else:
-                break
-            nh = nxt
-            at += size
-            if at > length:
-                raise MalformedPacket("IPv6 extension header beyond the packet")
+    _vtf, plen, nh, _hop, src, dst = _V6.unpack_from(packet)
+    length = 40 + plen
+    if length > n:
+        raise MalformedPacket("IPv6 payload length beyond the packet")
+    at = 40
+    first = True
+    fragment = False
+    for _ in range(16):  # bounded walk over extension headers
+        if nh in _GENERIC_EXT:
+            if at + 8 > length:
+                raise MalformedPacket("truncated IPv6 extension header")
+            nxt, size = packet[at], (packet[at + 1] + 1) * 8
+        elif nh == _FRAGMENT:
+            if at + 8 > length:
+                raise MalformedPacket("truncated IPv6 fragment header")
+            fragment = True
+            first = (_U16.unpack_from(packet, at + 2)[0] >> 3) == 0
+            nxt, size = packet[at], 8
+        elif nh == PROTO_AH:
+            if at + 8 > length:
+                raise MalformedPacket("truncated AH header")
+            nxt, size = packet[at], (packet[at + 1] + 2) * 4
         else:
-            raise MalformedPacket("too many IPv6 extension headers")
-        return _with_ports(version, src, dst, nh, at, length, packet, fragment, first)
-    raise MalformedPacket(f"IP version {version}")
+            break
+        nh = nxt
+        at += size
+        if at > length:
+            raise MalformedPacket("IPv6 extension header beyond the packet")
+    else:
+        raise MalformedPacket("too many IPv6 extension headers")
+    return _with_ports(version, src, dst, nh, at, length, packet, fragment, first)
 
 
 def _with_ports(
@@ -249,12 +253,7 @@ def split_transport(packet: bytes | bytearray | memoryview) -> TransportSplit:
     """Split an IP packet where transport-mode ESP goes (or is)."""
     data = memoryview(packet)
     n = len(data)
-    if n < 1:
-        raise MalformedPacket("empty packet")
-    version = data[0] >> 4
-    if version == 4:
-        if n < 20:
-            raise MalformedPacket("IPv4 packet shorter than its header")
+    if _ip_version(data) == 4:
         ihl = (data[0] & 0x0F) * 4
         length = _U16.unpack_from(data, 2)[0]
         if ihl < 20 or length < ihl or length > n:
@@ -262,28 +261,24 @@ def split_transport(packet: bytes | bytearray | memoryview) -> TransportSplit:
         if _U16.unpack_from(data, 6)[0] & 0x3FFF:
             raise MalformedPacket("IPv4 fragment: transport mode needs the whole datagram")
         return TransportSplit(bytes(data[:ihl]), 9, data[9], data[ihl:length])
-    if version == 6:
-        if n < 40:
-            raise MalformedPacket("IPv6 packet shorter than its header")
-        length = 40 + _U16.unpack_from(data, 4)[0]
-        if length > n:
-            raise MalformedPacket("IPv6 payload length beyond the packet")
-        proto_at, at, nh = 6, 40, data[6]
-        seen_routing = False
-        for _ in range(16):
-            if nh not in (_HOPOPT, _ROUTING, _DSTOPTS) or (nh == _DSTOPTS and seen_routing):
-                break
-            if at + 8 > length:
-                raise MalformedPacket("truncated IPv6 extension header")
-            seen_routing = seen_routing or nh == _ROUTING
-            proto_at, nh = at, data[at]
-            at += (data[at + 1] + 1) * 8
-            if at > length:
-                raise MalformedPacket("IPv6 extension header beyond the packet")
-        else:
-            raise MalformedPacket("too many IPv6 extension headers")
-        return TransportSplit(bytes(data[:at]), proto_at, nh, data[at:length])
-    raise MalformedPacket(f"IP version {version}")
+    length = 40 + _U16.unpack_from(data, 4)[0]
+    if length > n:
+        raise MalformedPacket("IPv6 payload length beyond the packet")
+    proto_at, at, nh = 6, 40, data[6]
+    seen_routing = False
+    for _ in range(16):
+        if nh not in (_HOPOPT, _ROUTING, _DSTOPTS) or (nh == _DSTOPTS and seen_routing):
+            break
+        if at + 8 > length:
+            raise MalformedPacket("truncated IPv6 extension header")
+        seen_routing = seen_routing or nh == _ROUTING
+        proto_at, nh = at, data[at]
+        at += (data[at + 1] + 1) * 8
+        if at > length:
+            raise MalformedPacket("IPv6 extension header beyond the packet")
+    else:
+        raise MalformedPacket("too many IPv6 extension headers")
+    return TransportSplit(bytes(data[:at]), proto_at, nh, data[at:length])
 
 
 def join_transport(header: bytes, proto_at: int, proto: int,
