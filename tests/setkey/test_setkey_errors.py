@@ -114,6 +114,11 @@ def test_bad_key_length_names_line_and_hides_the_key() -> None:
     assert "c0ffee" not in str(err) and err.token == "0x<30 hex digits>"
 
 
+def test_key_in_the_wrong_place_is_hidden() -> None:
+    err = error_of(f"add 192.0.2.1 198.51.100.1 esp 0x1001 -E {K128};")
+    assert err.token == "0x<32 hex digits>" and "abab" not in str(err)
+
+
 def test_bad_quoted_key_is_hidden_too() -> None:
     err = error_of('add 192.0.2.1 198.51.100.1 ah 0x1001 -A hmac-sha256 "too short";')
     assert "too short" not in str(err) and err.token == '"<9 characters>"'

@@ -8,6 +8,7 @@ parser, which knows what it expects at each point.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -34,9 +35,12 @@ class Token:
             return f'"<{len(self.text)} characters>"'
         if self.kind is TokenKind.EOF:
             return "end of file"
+        if _LONG_HEX.fullmatch(self.text):  # key-sized (64 bits or more): never echoed
+            return f"0x<{len(self.text) - 2} hex digits>"
         return self.text
 
 
+_LONG_HEX = re.compile(r"0[xX][0-9A-Fa-f]{16,}")
 _BLANKS = frozenset(" \t\r\n\f\v")
 _WORD_END = _BLANKS | {";", '"', "#"}
 
