@@ -91,6 +91,7 @@ _LIFETIME = struct.Struct("=HHIQQQ")  # allocations bytes addtime usetime
 _ADDRESS = struct.Struct("=HHBBH")  # proto prefixlen reserved
 _ADDR4 = struct.Struct("=HHBB2xHH4s8x")  # sadb_address + sockaddr_in (16): 24 bytes
 _ADDR6 = struct.Struct("=HHBB2xHHI16sI4x")  # sadb_address + sockaddr_in6 (28) + pad: 40 bytes
+_FAMILY = struct.Struct("=H")  # sa_family, the first field of every sockaddr
 _SIN = struct.Struct("=HH4s8x")  # family port(be) addr zero
 _SIN6 = struct.Struct("=HHI16sI")  # family port(be) flowinfo addr scope_id
 _KEY = struct.Struct("=HHH2x")  # bits reserved
@@ -303,7 +304,7 @@ def _sockaddr_at(b: Buffer, o: int, end: int) -> tuple[int, IPAddress, int]:
     """Decode the sockaddr at ``o``: (family, address, port). Validates family and room."""
     if end - o < 2:
         raise _invalid("sockaddr truncated before its family")
-    (family,) = struct.unpack_from("=H", b, o)
+    (family,) = _FAMILY.unpack_from(b, o)
     size = _SOCKADDR_LEN.get(family)
     if size is None:
         raise _invalid(f"unsupported address family {family}")
