@@ -44,7 +44,7 @@ def same_on_wire(msg: Message) -> bool:
 
 def test_all_deliveries_encode_and_decode() -> None:
     k = kernel()
-    s, t = k.open_socket(), k.open_socket()
+    s, bystander = k.open_socket(), k.open_socket()
     requests = [
         Message(MsgType.REGISTER, SaType.ESP, 1, 10),
         Message(MsgType.REGISTER, SaType.AH, 2, 10),
@@ -85,6 +85,7 @@ def test_all_deliveries_encode_and_decode() -> None:
     acquire = k.acquire(policy, Flow(A("10.1.0.1"), A("10.2.0.1"), 6, 1000, 443), NOW)
     for msgs in received(k, acquire, None).values():
         seen.extend(msgs)
+    assert k.recipients(k.handle(bystander, Message(MsgType.FLUSH), NOW)[-1]) == [s, bystander]
     types = {m.type for m in seen}
     assert types >= {MsgType.REGISTER, MsgType.GETSPI, MsgType.UPDATE, MsgType.ADD,
                      MsgType.GET, MsgType.DUMP, MsgType.DELETE, MsgType.X_SPDADD,

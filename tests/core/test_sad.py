@@ -147,3 +147,17 @@ def test_allocate_single_spi() -> None:
 def test_allocate_reserved_only_range_is_refused() -> None:
     with pytest.raises(ValueError):
         SAD().allocate_spi(A("10.0.0.2"), SaType.ESP, 1, 255, random.Random(1))
+
+
+def test_generations_tell_datapath_caches_to_look_again() -> None:
+    sad = SAD()
+    sa = make(0x1000)
+    g0 = sad.generation
+    sad.add(sa)
+    g1, sa_g1 = sad.generation, sa.generation
+    assert g1 > g0
+    sad.set_state(sa, SaState.DYING)
+    assert sad.generation > g1 and sa.generation > sa_g1
+    g2, sa_g2 = sad.generation, sa.generation
+    sad.remove(sa)
+    assert sad.generation > g2 and sa.generation > sa_g2 and sa.state == SaState.DEAD
