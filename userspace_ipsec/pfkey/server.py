@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("=BBBBHHII")  # sadb_msg
 _UCRED = struct.Struct("=iII")  # struct ucred: pid, uid, gid
+_KNOWN_TYPES = frozenset(int(t) for t in MsgType)
 
 # A connection whose queue of undelivered broadcasts reaches this loses further broadcasts.
 BROADCAST_QUEUE_LIMIT = 4096
@@ -84,6 +85,8 @@ def error_reply(data: bytes, err: int) -> bytes:
         _, msg_type, _, satype, _, _, seq, pid = _HEADER.unpack_from(data)
     else:
         msg_type, satype, seq, pid = MsgType.RESERVED, 0, 0, 0
+    if msg_type not in _KNOWN_TYPES:
+        msg_type = MsgType.RESERVED  # an unknown type cannot be echoed in a decodable reply
     return _HEADER.pack(PF_KEY_V2, msg_type, err, satype, _HEADER.size // 8, 0, seq, pid)
 
 
