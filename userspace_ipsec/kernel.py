@@ -482,6 +482,16 @@ class Kernel:
             sa.use_time = now or 1e-9  # 0 means "never used"
         return self._check_lifetimes(sa, now)
 
+    def expire_now(self, sa: SecurityAssociation, now: float) -> list[Delivery]:
+        """Hard-expire ``sa`` at once (its outbound sequence numbers are used up, RFC 4303
+        3.3.3): removed from the SAD, SADB_EXPIRE (hard) to the registered sockets."""
+        if sa not in self.sad:
+            return []
+        log.info("pfkey: SA %s %#x %s->%s hard expired (sequence numbers used up)",
+                 sa.satype.name, sa.spi, sa.src, sa.dst)
+        self._remove_sa(sa)
+        return [self._expire(sa, ExtType.LIFETIME_HARD)]
+
     # -- timers ------------------------------------------------------------------------------
 
     def tick(self, now: float) -> list[Delivery]:
