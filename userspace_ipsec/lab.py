@@ -15,6 +15,8 @@ import os
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -76,11 +78,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale() -> list[str]:
-    """Delete uit- namespaces whose creating process is dead (left by a SIGKILLed run)."""
+def sweep_stale(prefix: str = PREFIX) -> list[str]:
+    """Delete our namespaces whose creating process is dead (left by a SIGKILLed run)."""
     removed = []
-    for name in list_namespaces():
-        digits = name[len(PREFIX):].split("-", 1)[0][:-4]  # pid then 4 hex chars
+    for name in list_namespaces(prefix):
+        digits = name[len(prefix):].split("-", 1)[0][:-4]  # pid then 4 hex chars
         if digits.isdigit() and not _pid_alive(int(digits)):
             _run(["ip", "netns", "del", name], check=False)
             removed.append(name)
@@ -160,6 +162,37 @@ class Netns:
             "  }\n}\n"
         )
 
+    def ping(self, dst: str, *, count: int = 3, interval: float = 0.2,
+             timeout: float = 1.0) -> list[float]:
+        """ICMP echo from this namespace (no ping binary needed): round-trip times in ms of the
+        answered requests, in order."""
+        addr = ipaddress.ip_address(dst)
+        v6 = addr.version == 6
+        family = socket.AF_INET6 if v6 else socket.AF_INET
+        proto = socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP
+        with self.entered():
+            sock = socket.socket(family, socket.SOCK_RAW, proto)
+        ident = os.getpid() & 0xFFFF
+        rtts: list[float] = []
+        with sock:
+            for seq in range(1, count + 1):
+                payload = secrets.token_bytes(32)
+                sent = time.monotonic()
+                sock.sendto(_icmp_echo(v6, ident, seq, payload), (dst, 0))
+                deadline = sent + timeout
+                while (left := deadline - time.monotonic()) > 0:
+                    sock.settimeout(left)
+                    try:
+                        data = sock.recv(2048)
+                    except TimeoutError:
+                        break
+                    if _is_echo_reply(data, v6, ident, seq, payload):
+                        rtts.append((time.monotonic() - sent) * 1000)
+                        break
+                if seq < count:
+                    time.sleep(interval)
+        return rtts
+
     @contextlib.contextmanager
     def entered(self) -> Iterator[None]:
         """Switch the calling thread into this namespace for the block.
@@ -176,11 +209,41 @@ class Netns:
                 _setns(home.fileno())
 
 
+def _icmp_checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _icmp_echo(v6: bool, ident: int, seq: int, payload: bytes) -> bytes:
+    # The kernel fills in the ICMPv6 checksum (it needs the pseudo header); ICMP is ours to do.
+    kind = 128 if v6 else 8
+    header = struct.pack("!BBHHH", kind, 0, 0, ident, seq)
+    if v6:
+        return header + payload
+    csum = _icmp_checksum(header + payload)
+    return struct.pack("!BBHHH", kind, 0, csum, ident, seq) + payload
+
+
+def _is_echo_reply(data: bytes, v6: bool, ident: int, seq: int, payload: bytes) -> bool:
+    if not v6:
+        data = data[(data[0] & 0x0F) * 4:] if data else data  # raw v4 sockets see the IP header
+    if len(data) < 8:
+        return False
+    kind, _, _, r_ident, r_seq = struct.unpack_from("!BBHHH", data)
+    return (kind == (129 if v6 else 0) and r_ident == ident and r_seq == seq
+            and data[8:] == payload)
+
+
 @dataclass(slots=True)
 class NetnsHarness:
     """Creates namespaces, links and processes; close() removes them all, whatever happened."""
 
     tag: str = field(default_factory=lambda: f"{os.getpid()}{secrets.token_hex(2)}")
+    prefix: str = PREFIX
     namespaces: list[Netns] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _veth_seq: int = 0
@@ -193,7 +256,7 @@ class NetnsHarness:
         self.close()
 
     def netns(self, role: str) -> Netns:
-        name = f"{PREFIX}{self.tag}-{role}"
+        name = f"{self.prefix}{self.tag}-{role}"
         ns = Netns(name, role, self)
         _run(["ip", "netns", "add", name])
         self.namespaces.append(ns)

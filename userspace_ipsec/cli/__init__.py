@@ -66,6 +66,25 @@ def daemon(obj: Context, config_path: Path | None) -> None:
         fail(str(exc))
 
 
+@main.command()
+@click.option("--pings", type=click.IntRange(1, 100), default=3, show_default=True,
+              help="Echo requests sent through the tunnel.")
+def demo(pings: int) -> None:
+    """Build two gateways in network namespaces, tunnel them, ping through, clean up."""
+    from ..demo import Demo
+    from ..lab import HarnessError
+
+    try:
+        ok = Demo(click.echo, pings=pings).run()
+    except HarnessError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        fail("interrupted")
+    if not ok:
+        fail("the ping through the tunnel failed")
+    click.echo("demo: success")
+
+
 # -- sa / spd ----------------------------------------------------------------------------------
 
 
