@@ -119,7 +119,7 @@ class Demo:
             run_dirs[gw.role] = run_dir
             log = open(workdir / f"{gw.role}.log", "wb")  # noqa: SIM115 (closed with the dir)
             proc = gw.spawn(*_cli("--run-dir", str(run_dir), "daemon"), stdout=log, stderr=log)
-            _wait_for(run_dir / "pfkey.sock", lambda p=proc: p.poll() is None)
+            _wait_for(run_dir / "pfkey.sock", lambda: proc.poll() is None)
             self.say(f"{gw.role}: daemon running (pid {proc.pid}, run dir {run_dir})")
             script = workdir / end.name
             script.write_text(render_script(end))

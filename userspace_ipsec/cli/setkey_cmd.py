@@ -34,7 +34,8 @@ def _trace(msg: Message, raw: bytes) -> None:
     click.echo(format_message_debug(msg, raw), nl=False)
 
 
-def _print_dump(client: PfkeyClient, policies: bool, satype: int = SaType.UNSPEC) -> None:
+def _print_dump(client: PfkeyClient, policies: bool, satype: int = SaType.UNSPEC,
+                show_keys: bool = False) -> None:
     now = time.time()
     entries = client.spddump() if policies else client.dump(satype)
     printed = False
@@ -43,19 +44,19 @@ def _print_dump(client: PfkeyClient, policies: bool, satype: int = SaType.UNSPEC
         if policies:
             click.echo(format_policy(msg, now), nl=False)
         else:
-            click.echo(format_sa(msg, now=now), nl=False)
+            click.echo(format_sa(msg, now=now, show_keys=show_keys), nl=False)
     if not printed:
         click.echo("No SPD entries." if policies else "No SAD entries.")
 
 
-def _execute(client: PfkeyClient, command: Command) -> None:
+def _execute(client: PfkeyClient, command: Command, show_keys: bool) -> None:
     kind = command.kind
     if kind in (CommandKind.DUMP, CommandKind.SPDDUMP):
-        _print_dump(client, kind is CommandKind.SPDDUMP, command.messages[0].satype)
+        _print_dump(client, kind is CommandKind.SPDDUMP, command.messages[0].satype, show_keys)
         return
     if kind is CommandKind.GET:
         reply = client.request(command.messages[0])
-        click.echo(format_sa(reply, now=time.time()), nl=False)
+        click.echo(format_sa(reply, now=time.time(), show_keys=show_keys), nl=False)
         return
     if kind is CommandKind.DELETEALL:
         dump = list(client.dump(command.messages[0].satype))
@@ -68,10 +69,10 @@ def _execute(client: PfkeyClient, command: Command) -> None:
             click.echo(f"spi=0x{reply.sa.spi:08x}")
 
 
-def _run_script(client: PfkeyClient, commands: list[Command]) -> None:
+def _run_script(client: PfkeyClient, commands: list[Command], show_keys: bool) -> None:
     for command in commands:
         try:
-            _execute(client, command)
+            _execute(client, command, show_keys)
         except PfkeyReplyError as exc:
             fail(f"{command.filename}:{command.line}: {command.kind.value}: {exc}")
 
@@ -107,6 +108,8 @@ def _monitor(client: PfkeyClient, seconds: float | None) -> None:
               help="Kernel semantics: an 'in' policy does not get a twin 'fwd' policy.")
 @click.option("-r", "rfc_mode", is_flag=True,
               help="RFC semantics (the default): every 'in' policy gets a twin 'fwd' policy.")
+@click.option("--show-keys", is_flag=True,
+              help="Print keys in dumps (setkey prints them always; we only when asked).")
 @click.option("--monitor-seconds", type=float, default=None,
               help="With -x alone: stop monitoring after this many seconds.")
 @click.pass_obj
@@ -122,6 +125,7 @@ def setkey(
     parse_only: bool,
     kernel_mode: bool,
     rfc_mode: bool,
+    show_keys: bool,
     monitor_seconds: float | None,
 ) -> None:
     """Manage the SAD and SPD with setkey(8) syntax and options."""
@@ -158,9 +162,9 @@ def setkey(
 
     with obj.client(on_message=_trace if trace else None) as client:
         if commands is not None:
-            _run_script(client, commands)
+            _run_script(client, commands, show_keys)
         elif dump:
-            _print_dump(client, policy)
+            _print_dump(client, policy, show_keys=show_keys)
         elif flush:
             flush_type = MsgType.X_SPDFLUSH if policy else MsgType.FLUSH
             client.request(Message(type=flush_type, satype=SaType.UNSPEC))
