@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -80,10 +81,10 @@ def render_script(end: TunnelEnd) -> str:
     return _SCRIPT.format(**{f: getattr(end, f) for f in end.__dataclass_fields__})
 
 
-def _wait_for(path: Path, proc_alive: Callable[[], bool], timeout: float = 15.0) -> None:
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        if not proc_alive():
+        if proc.poll() is not None:
             raise RuntimeError(f"the daemon for {path.parent} exited during start-up")
         if time.monotonic() > deadline:
             raise RuntimeError(f"the daemon for {path.parent} did not start in {timeout:.0f} s")
@@ -119,7 +120,7 @@ class Demo:
             run_dirs[gw.role] = run_dir
             log = open(workdir / f"{gw.role}.log", "wb")  # noqa: SIM115 (closed with the dir)
             proc = gw.spawn(*_cli("--run-dir", str(run_dir), "daemon"), stdout=log, stderr=log)
-            _wait_for(run_dir / "pfkey.sock", lambda: proc.poll() is None)
+            _wait_for(run_dir / "pfkey.sock", proc)
             self.say(f"{gw.role}: daemon running (pid {proc.pid}, run dir {run_dir})")
             script = workdir / end.name
             script.write_text(render_script(end))
