@@ -3,6 +3,8 @@ never an exception, and a refused one leaves the SAD and SPD as they were."""
 
 from __future__ import annotations
 
+from ipaddress import ip_address
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,8 +40,7 @@ from userspace_ipsec.pfkey.messages import (
 u8, u16, u32 = st.integers(0, 0xFF), st.integers(0, 0xFFFF), st.integers(0, 0xFFFFFFFF)
 small = st.sampled_from([0, 1, 2, 3, 5, 7, 11, 12, 13, 20, 28, 251, 255, 256, 0x1000])
 addr = st.one_of(st.ip_addresses(v=4), st.ip_addresses(v=6),
-                 st.sampled_from(["10.0.0.1", "10.0.0.2"]).map(__import__("ipaddress")
-                                                              .ip_address))
+                 st.sampled_from(["10.0.0.1", "10.0.0.2"]).map(ip_address))
 address = st.builds(AddressExt, addr, st.one_of(st.none(), st.integers(0, 128)), u8, u16)
 request = st.builds(IpsecRequest, st.sampled_from([50, 51, 108, 0, 99]),
                     st.sampled_from(list(IpsecMode)), st.sampled_from(list(IpsecLevel)), u32,
