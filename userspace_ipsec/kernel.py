@@ -1,14 +1,21 @@
 """The emulated kernel: PF_KEYv2 (RFC 2367) semantics on ``Message`` values, sans IO.
 
 ``Kernel.handle(sock_id, msg, now)`` answers one request with a list of ``Delivery`` values: a
-message and its audience (the sender, every socket, or the registered ones), as Linux's
-af_key.c routes them. The socket server turns recipients into datagrams. Errors go to the
-sender only, header echoed, ``errno`` set. A refused request never changes the SAD or SPD.
+message and its audience, routed as Linux's af_key.c routes them:
 
-Time is the caller's: ``now`` is wall-clock seconds (lifetime "current" extensions carry it).
-``tick(now)`` runs lifetimes and larval timeouts, ``next_deadline()`` says when it is next due.
-The datapath reports traffic with ``note_traffic(sa, now)`` when an SA's counters reach its
-marks, and asks for keys with ``acquire(policy, flow, now)``.
+- sender only: GETSPI, GET (with keys), X_SPDGET, and every error (header echoed, errno set);
+- every socket, keys never included: ADD, UPDATE, DELETE, FLUSH, X_SPDADD, X_SPDUPDATE,
+  X_SPDDELETE, X_SPDDELETE2, X_SPDFLUSH, X_PROMISC;
+- registered sockets (any SA type, as Linux) plus the sender: REGISTER;
+- registered sockets: EXPIRE (from ``tick``/``note_traffic``), ACQUIRE (from ``acquire``);
+- sender, streamed: DUMP (with keys) and X_SPDDUMP, sadb_msg_seq counting down to 0;
+- promiscuous sockets: a copy of each request (keys stripped) and of every non-stream delivery.
+
+A refused request never changes the SAD or SPD. Time is the caller's: ``now`` is wall-clock
+seconds (lifetime "current" extensions carry it). ``tick(now)`` runs lifetimes and larval
+timeouts, ``next_deadline()`` says when it is next due. The datapath reports traffic with
+``note_traffic(sa, now)`` when an SA's counters reach its marks, and asks for keys with
+``acquire(policy, flow, now)``.
 """
 
 from __future__ import annotations
