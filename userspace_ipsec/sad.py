@@ -12,14 +12,15 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from .pfkey.constants import IpsecMode, SaState
-from .pfkey.messages import IPAddress
+from .pfkey.constants import IPPROTO_AH, IPPROTO_ESP, IpsecLevel, IpsecMode, SaState, SaType
+from .pfkey.messages import IPAddress, IpsecRequest
 from .sa import SecurityAssociation
 
 # RFC 4303 section 2.1: SPIs 1..255 are reserved by IANA, 0 is never sent.
 SPI_RESERVED_MAX = 255
 SPI_MAX = 0xFFFFFFFF
 _RANDOM_PROBES = 16
+_PROTO_SATYPE = {IPPROTO_ESP: int(SaType.ESP), IPPROTO_AH: int(SaType.AH)}
 
 
 class SpiExhausted(Exception):
@@ -145,6 +146,21 @@ class SAD:
                       reqid: int) -> SecurityAssociation | None:
         """Newest mature (else dying) SA with this reqid between these endpoints."""
         return self._best(self._by_reqid, (src, dst, satype, reqid))
+
+    def for_request(self, request: IpsecRequest, src: IPAddress,
+                    dst: IPAddress) -> SecurityAssociation | None:
+        """The SA an outbound packet from ``src`` to ``dst`` uses for a policy's template.
+
+        Tunnel mode: the template's endpoints; transport: the packet's. Level unique with a
+        reqid: only SAs of that reqid (Linux); otherwise any SA between the endpoints.
+        """
+        if request.mode == IpsecMode.TUNNEL and request.src is not None and (
+                request.dst is not None):
+            src, dst = request.src, request.dst
+        satype = _PROTO_SATYPE.get(request.proto, 0)
+        if request.level == IpsecLevel.UNIQUE and request.reqid:
+            return self.best_by_reqid(src, dst, satype, request.reqid)
+        return self.best_by_endpoints(src, dst, satype, request.mode)
 
     # -- SPI allocation ----------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from tests.core.helpers import A
-from userspace_ipsec.pfkey.constants import IpsecMode, SaState, SaType
+from userspace_ipsec.pfkey.constants import IPPROTO_ESP, IpsecLevel, IpsecMode, SaState, SaType
+from userspace_ipsec.pfkey.messages import IpsecRequest
 from userspace_ipsec.sa import SecurityAssociation
 from userspace_ipsec.sad import SAD, SpiExhausted
 
@@ -161,3 +162,24 @@ def test_generations_tell_datapath_caches_to_look_again() -> None:
     g2, sa_g2 = sad.generation, sa.generation
     sad.remove(sa)
     assert sad.generation > g2 and sa.generation > sa_g2 and sa.state == SaState.DEAD
+
+
+def test_for_request_follows_the_template() -> None:
+    sad = SAD()
+    tunnel_sa = SecurityAssociation(0x1000, SaType.ESP, A("192.0.2.1"), A("192.0.2.2"),
+                                    IpsecMode.TUNNEL, 0)
+    unique_sa = SecurityAssociation(0x1001, SaType.ESP, A("192.0.2.1"), A("192.0.2.2"),
+                                    IpsecMode.TUNNEL, 77)
+    transport_sa = SecurityAssociation(0x1002, SaType.ESP, A("10.0.0.1"), A("10.0.0.2"),
+                                       IpsecMode.TRANSPORT, 0)
+    for sa in (unique_sa, tunnel_sa, transport_sa):  # tunnel_sa is the newest
+        sad.add(sa)
+    tunnel = IpsecRequest(IPPROTO_ESP, IpsecMode.TUNNEL, IpsecLevel.REQUIRE, 0,
+                          A("192.0.2.1"), A("192.0.2.2"))
+    assert sad.for_request(tunnel, A("10.9.0.1"), A("10.8.0.1")) is tunnel_sa
+    unique = IpsecRequest(IPPROTO_ESP, IpsecMode.TUNNEL, IpsecLevel.UNIQUE, 77,
+                          A("192.0.2.1"), A("192.0.2.2"))
+    assert sad.for_request(unique, A("10.9.0.1"), A("10.8.0.1")) is unique_sa
+    transport = IpsecRequest(IPPROTO_ESP, IpsecMode.TRANSPORT, IpsecLevel.REQUIRE)
+    assert sad.for_request(transport, A("10.0.0.1"), A("10.0.0.2")) is transport_sa
+    assert sad.for_request(transport, A("10.0.0.2"), A("10.0.0.1")) is None
