@@ -12,11 +12,13 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from userspace_ipsec.pfkey.client import PfkeyClient
+from userspace_ipsec.pfkey.messages import Message
 
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 15.0
@@ -119,3 +121,21 @@ def start_daemon(run_dir: Path, log_path: Path, *extra: str,
             raise AssertionError(f"daemon did not listen within {START_TIMEOUT} s")
         time.sleep(0.02)
     return daemon
+
+
+def pipeline(client: PfkeyClient, messages: Iterable[Message], window: int = 64) -> list[Message]:
+    """Send ``messages`` with up to ``window`` awaiting replies; the replies, in order.
+
+    Only for a client that is the sole actor: every message it receives is a reply.
+    """
+    replies: list[Message] = []
+    in_flight = 0
+    for msg in messages:
+        client.send(msg)
+        in_flight += 1
+        if in_flight >= window:
+            replies.append(client.receive())
+            in_flight -= 1
+    for _ in range(in_flight):
+        replies.append(client.receive())
+    return replies
