@@ -212,3 +212,10 @@ def test_acquire_needs_a_listener_and_an_ipsec_policy() -> None:
     k.handle(s, spd_msg(MsgType.X_SPDADD, "10.1.0.0/16", "10.2.0.0/16"), NOW)
     (new_ipsec,) = [p for p in k.spd.snapshot() if p.action == PolicyType.IPSEC]
     assert len(k.acquire(new_ipsec, flow, NOW)) == 1
+
+
+def test_expire_now_removes_and_reports_hard_once() -> None:
+    k, reg, _, sa = setup(LifetimeExt(), LifetimeExt(addtime=100))
+    msg = expire_of(k, k.expire_now(sa, NOW + 1), reg)
+    assert ExtType.LIFETIME_HARD in msg.ext and sa not in k.sad
+    assert k.expire_now(sa, NOW + 2) == [] and k.tick(NOW + 200) == []
