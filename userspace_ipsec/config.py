@@ -1,15 +1,16 @@
 """The daemon's TOML configuration: parsed and checked in full before anything starts.
 
-A bad file is refused with its name, the line and the reason (``ConfigError``). Only the
-``[daemon]`` table is defined here; later parts of the stack (datapath, IKE connections) add
-their own tables and check them the same way.
+A bad file is refused with its name, the line and the reason (``ConfigError``). The
+``[daemon]`` and ``[datapath]`` tables are defined here; later parts of the stack (IKE
+connections) add their own tables and check them the same way.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,26 @@ class DaemonConfig:
 
 
 @dataclass(slots=True)
+class DatapathConfig:
+    """``[datapath]``: the TUN/ESP engine (``uipsec daemon --no-datapath`` overrides enabled)."""
+
+    enabled: bool = True
+    tun_name: str = "uipsec0"
+    path_mtu: int = 1500  # outer MTU towards the peers; the TUN MTU is this minus ESP overhead
+    udp_port: int = 4500  # RFC 3948 ESP-in-UDP (and IKE after a NAT is found)
+    udp_bind: tuple[str, ...] = ("0.0.0.0", "::")  # one UDP socket per address
+    raw_esp: bool = True  # IP protocol 50 sockets for SAs without NAT-T
+    always_encap: bool = False  # UDP-encapsulate every SA, NAT-T type or not
+    keepalive_interval: float = 20.0  # RFC 3948 4: NAT keepalive after this much silence
+    acquire_queue: int = 32  # packets held per policy while an SA is being negotiated
+    fwmark: int = 0x220  # SO_MARK of the outer sockets, excluded from the routing table
+    table: int = 220  # routing table of the routes into the TUN
+
+
+@dataclass(slots=True)
 class Config:
     daemon: DaemonConfig
+    datapath: DatapathConfig = field(default_factory=DatapathConfig)
     source: str = "<defaults>"
     raw: dict[str, Any] | None = None  # the whole document, for the tables other layers read
 
@@ -109,7 +128,54 @@ def parse_daemon_table(
     return config
 
 
-KNOWN_TABLES = {"daemon"}
+_DATAPATH_KEYS: dict[str, type | tuple[type, ...]] = {
+    "enabled": bool, "tun_name": str, "path_mtu": int, "udp_port": int, "udp_bind": list,
+    "raw_esp": bool, "always_encap": bool, "keepalive_interval": (int, float),
+    "acquire_queue": int, "fwmark": int, "table": int,
+}
+# Inclusive bounds of the integer settings (and the keepalive interval).
+_DATAPATH_RANGES: dict[str, tuple[float, float]] = {
+    "path_mtu": (576, 65535), "udp_port": (1, 65535), "keepalive_interval": (1, 3600),
+    "acquire_queue": (0, 4096), "fwmark": (1, 0xFFFFFFFF), "table": (1, 0xFFFFFFFF),
+}
+
+
+def parse_datapath_table(table: dict[str, Any], path: str, locate: _Locator) -> DatapathConfig:
+    config = DatapathConfig()
+    for key, value in table.items():
+        where = locate.line_of("datapath", key)
+        kind = _DATAPATH_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(path, where, f"unknown setting datapath.{key}")
+        _expect(value, kind, path, where, f"datapath.{key}")
+        bounds = _DATAPATH_RANGES.get(key)
+        if bounds is not None and not bounds[0] <= value <= bounds[1]:
+            raise ConfigError(path, where,
+                              f"datapath.{key} must be within {bounds[0]:g}..{bounds[1]:g}")
+        if key == "table" and value in (253, 254, 255):
+            raise ConfigError(path, where, f"datapath.table {value} is a reserved table")
+        if key == "tun_name" and not 0 < len(value) < 16:
+            raise ConfigError(path, where, "datapath.tun_name must be 1 to 15 characters")
+        if key == "udp_bind":
+            value = tuple(_bind_address(v, path, where) for v in value)
+        elif kind == (int, float):
+            value = float(value)
+        setattr(config, key, value)
+    return config
+
+
+def _bind_address(value: object, path: str, where: int | None) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(path, where, "datapath.udp_bind must be a list of IP addresses")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ConfigError(path, where, f"datapath.udp_bind: {value!r} is not an IP address")\
+            from None
+    return value
+
+
+KNOWN_TABLES = {"daemon", "datapath"}
 
 
 def load(path: str | Path, *, extra_tables: set[str] | frozenset[str] = frozenset()) -> Config:
@@ -138,7 +204,11 @@ def loads(
     for table in doc:
         if table not in KNOWN_TABLES | extra_tables:
             raise ConfigError(name, locate.line_of(table), f"unknown table [{table}]")
-    daemon_table = doc.get("daemon", {})
-    if not isinstance(daemon_table, dict):
-        raise ConfigError(name, locate.line_of("", "daemon"), "daemon must be a table")
-    return Config(daemon=parse_daemon_table(daemon_table, name, locate), source=name, raw=doc)
+    tables = {}
+    for table in ("daemon", "datapath"):
+        tables[table] = doc.get(table, {})
+        if not isinstance(tables[table], dict):
+            raise ConfigError(name, locate.line_of("", table), f"{table} must be a table")
+    return Config(daemon=parse_daemon_table(tables["daemon"], name, locate),
+                  datapath=parse_datapath_table(tables["datapath"], name, locate),
+                  source=name, raw=doc)

@@ -45,8 +45,10 @@ def main(ctx: click.Context, run_dir: Path, verbose: int) -> None:
 @main.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="TOML configuration file.")
+@click.option("--no-datapath", is_flag=True,
+              help="PF_KEY only: no TUN, no ESP sockets (overrides datapath.enabled).")
 @click.pass_obj
-def daemon(obj: Context, config_path: Path | None) -> None:
+def daemon(obj: Context, config_path: Path | None, no_datapath: bool) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
     from .. import config as config_mod
     from ..daemon import Daemon
@@ -61,9 +63,11 @@ def daemon(obj: Context, config_path: Path | None) -> None:
     elif logging.getLogger().level == logging.WARNING:
         logging.getLogger().setLevel(logging.INFO)
     try:
-        asyncio.run(Daemon(obj.run_dir.path, config).run())
+        asyncio.run(Daemon(obj.run_dir.path, config, datapath=not no_datapath).run())
     except RunDirError as exc:
         fail(str(exc))
+    except OSError as exc:  # TUN, sockets or routes could not be set up
+        fail(f"datapath: {exc}")
 
 
 @main.command()

@@ -1,0 +1,376 @@
+"""The datapath engine: TUN and outer sockets wired to Outbound/Inbound in an asyncio loop.
+
+``Datapath(kernel, config, deliver)`` owns the TUN device, the UDP 4500 and raw ESP sockets,
+the routes into the TUN and the fwmark rule (datapath.netconf). Each fd has a reader callback
+that drains ready packets in batches into preallocated buffers; there is no asyncio work per
+packet. Kernel-originated messages (ACQUIRE, EXPIRE) go to ``deliver`` (the daemon's
+``PfkeyServer.dispatch(None, ...)``).
+
+The daemon calls ``sync()`` after every PF_KEY request and timer tick (cheap: two generation
+compares) and ``tick(now)`` from its timer (NAT keepalives, local address refresh).
+
+UDP 4500 also carries IKE (RFC 3948 non-ESP marker): ``set_ike_handler(fn)`` receives
+``fn(message, peer, local)`` where ``local`` is the receiving socket's bound address, and
+``send_ike(message, peer)`` sends with the marker. NAT keepalives (0xFF) are sent for the peers
+of UDP-encapsulated SAs after ``keepalive_interval`` seconds without traffic to them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from datapath.encap import NAT_KEEPALIVE, NON_ESP_MARKER, UdpKind, classify
+from datapath.inbound import Inbound
+from datapath.netconf import NetConfig, NetConfigError, RoutingPolicy, tun_mtu
+from datapath.outbound import Outbound
+from datapath.routes import RouteSync, local_addresses
+from datapath.satable import SaTable
+from datapath.sockets import DatagramBatch, RawEspSocket, UdpSocket
+from datapath.stats import DatapathStats
+from datapath.tun import PacketSlots, TunDevice
+from userspace_ipsec.config import DatapathConfig
+from userspace_ipsec.kernel import Delivery, Kernel
+from userspace_ipsec.pfkey.constants import NatTType
+
+log = logging.getLogger(__name__)
+
+BATCH = 64  # packets per read batch
+MAX_BATCHES = 16  # batches per wake-up, so one busy fd cannot starve the others
+# Outer IPv6 + UDP + ESP header, 16-byte IV, 15 bytes of padding, trailer, 32-byte ICV.
+WORST_OVERHEAD = 40 + 8 + 8 + 16 + 15 + 2 + 32
+LOCAL_REFRESH = 10.0  # seconds between re-reads of the local addresses
+
+NETLINK_TIMEOUT = 10.0
+IkeHandler = Callable[[bytes, tuple[Any, ...], tuple[Any, ...]], None]
+_T = TypeVar("_T")
+
+
+class _Netlink:
+    """pyroute2's IPRoute runs an event loop of its own and refuses to start inside a running
+    one: every netlink call is made in one worker thread (briefly blocking the caller)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="uipsec-netlink")
+        self.netconf: NetConfig | None = None
+
+    def call(self, fn: Callable[..., _T], *args: Any) -> _T:
+        return self._pool.submit(fn, *args).result(NETLINK_TIMEOUT)
+
+    def open(self, policy: RoutingPolicy) -> NetConfig:
+        self.netconf = self.call(NetConfig, policy)
+        return self.netconf
+
+    def add_route(self, dst: str, ifname: str, src: str | None = None) -> None:
+        assert self.netconf is not None
+        self.call(self.netconf.add_route, dst, ifname, src)
+
+    def remove_route(self, dst: str, ifname: str) -> None:
+        assert self.netconf is not None
+        self.call(self.netconf.remove_route, dst, ifname)
+
+    def close(self) -> None:
+        netconf, self.netconf = self.netconf, None
+        try:
+            if netconf is not None:
+                try:
+                    self.call(netconf.remove_all)
+                finally:
+                    self.call(netconf.close)
+        finally:
+            self._pool.shutdown(wait=True)
+
+
+class Datapath:
+    def __init__(self, kernel: Kernel, config: DatapathConfig,
+                 deliver: Callable[[list[Delivery]], None], *,
+                 clock: Callable[[], float] = time.time,
+                 local: Callable[[], frozenset[bytes]] = local_addresses) -> None:
+        self.kernel = kernel
+        self.config = config
+        self.deliver = deliver
+        self.clock = clock
+        self._local = local
+        self.counters = DatapathStats()
+        self.udp: dict[int, UdpSocket] = {}  # by family: the socket to send from
+        self.raw: dict[int, RawEspSocket] = {}
+        self._udp_all: list[UdpSocket] = []
+        self.tun: TunDevice | None = None
+        self.netlink: _Netlink | None = None
+        self.routes: RouteSync | None = None
+        self.table = SaTable(kernel, udp=self.udp, raw=self.raw,
+                             always_encap=config.always_encap, udp_port=config.udp_port,
+                             local=frozenset)
+        self.outbound: Outbound | None = None
+        self.inbound: Inbound | None = None
+        self.mtu = tun_mtu(config.path_mtu, WORST_OVERHEAD,
+                           ipv6=config.path_mtu - WORST_OVERHEAD >= 1280)
+        self._slots = PacketSlots(BATCH)
+        self._batch = DatagramBatch(BATCH)
+        self._ike: IkeHandler | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._readers: list[int] = []
+        self._spd_gen = -1
+        self._sad_gen = -1
+        self._syncing = False
+        self._local_at = 0.0
+        self._peers: dict[tuple[Any, ...], UdpSocket] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def attach(self, tun: TunDevice, udp: list[UdpSocket], raw: list[RawEspSocket]) -> None:
+        """Use already-open devices (``start`` opens them; tests may bring their own)."""
+        self.tun = tun
+        self._udp_all = list(udp)
+        for sock in udp:
+            self.udp.setdefault(sock.family, sock)
+        for rsock in raw:
+            self.raw.setdefault(rsock.family, rsock)
+        self.table.set_local(self._local())
+        self._local_at = self.clock()
+        self.outbound = Outbound(self.kernel, self.table, self.counters, tun, self.deliver,
+                                 path_mtu=self.config.path_mtu,
+                                 queue_size=self.config.acquire_queue, batch=BATCH)
+        self.inbound = Inbound(self.kernel, self.table, self.counters, tun, self.deliver)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Open the TUN and sockets, install the fwmark rules, start reading."""
+        cfg = self.config
+        mark = cfg.fwmark
+        self.netlink = netlink = _Netlink()
+        if self._local is local_addresses:
+            self._local = lambda: netlink.call(local_addresses)
+        tun: TunDevice | None = None
+        udp: list[UdpSocket] = []
+        raw: list[RawEspSocket] = []
+        try:
+            netconf = netlink.open(RoutingPolicy(table=cfg.table, fwmark=mark))
+            tun = TunDevice(cfg.tun_name)
+            netlink.call(netconf.setup_link, tun.name, (), self.mtu)
+            netlink.call(netconf.install_rules)
+            for host in cfg.udp_bind:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                udp.append(UdpSocket(family, host, cfg.udp_port, mark=mark))
+            if cfg.raw_esp:
+                families = {s.family for s in udp} or {socket.AF_INET, socket.AF_INET6}
+                raw = [RawEspSocket(f, mark=mark) for f in sorted(families)]
+        except BaseException as exc:
+            for s in (*udp, *raw):
+                s.close()
+            if tun is not None:
+                tun.close()
+            self.netlink = None
+            netlink.close()
+            if isinstance(exc, NetConfigError):
+                raise OSError(str(exc)) from exc
+            raise
+        self.attach(tun, udp, raw)
+        self.routes = RouteSync(netlink, tun.name)
+        self._loop = loop
+        loop.add_reader(tun.fd, self.handle_tun)
+        self._readers.append(tun.fd)
+        for sock in udp:
+            loop.add_reader(sock.fileno(), self.handle_udp, sock)
+            self._readers.append(sock.fileno())
+        for rsock in raw:
+            loop.add_reader(rsock.fileno(), self.handle_raw, rsock)
+            self._readers.append(rsock.fileno())
+        self.sync()
+        log.info("datapath: TUN %s mtu %d, UDP %s port %d, raw ESP %s", tun.name, self.mtu,
+                 ",".join(cfg.udp_bind), cfg.udp_port, "on" if raw else "off")
+
+    def close(self) -> None:
+        if self._loop is not None:
+            for fd in self._readers:
+                self._loop.remove_reader(fd)
+        self._readers.clear()
+        for s in (*self._udp_all, *self.raw.values()):
+            s.close()
+        if self.netlink is not None:
+            try:
+                self.netlink.close()
+            except Exception as exc:  # the TUN's routes die with it anyway
+                log.warning("datapath: cleanup: %s", exc)
+            self.netlink = None
+        if self.tun is not None:
+            self.tun.close()
+            self.tun = None
+
+    # -- reader callbacks --------------------------------------------------------------------
+
+    def handle_tun(self) -> None:
+        tun, outbound = self.tun, self.outbound
+        if tun is None or outbound is None:
+            return
+        slots = self._slots
+        views, lengths = slots.views, slots.lengths
+        for _ in range(MAX_BATCHES):
+            n = tun.read_batch(slots)
+            if not n:
+                break
+            self.counters.tun_packets += n
+            outbound.process([views[i][:lengths[i]] for i in range(n)], self.clock())
+            if n < BATCH:
+                break
+
+    def handle_udp(self, sock: UdpSocket) -> None:
+        inbound = self.inbound
+        if inbound is None:
+            return
+        batch = self._batch
+        views, slot_of, offset, length, addrs = (
+            batch.views, batch.slot, batch.offset, batch.length, batch.addr)
+        marker = NON_ESP_MARKER
+        for _ in range(MAX_BATCHES):
+            n = sock.recv_batch(batch)
+            if not n:
+                break
+            esp = []
+            for i in range(n):
+                off = offset[i]
+                view = views[slot_of[i]][off:off + length[i]]
+                if length[i] >= 8 and view[:4] != marker:
+                    esp.append(view)
+                else:
+                    self._control(sock, view, addrs[i])
+            if esp:
+                self.counters.esp_received += len(esp)
+                inbound.process(esp, self.clock())
+            if n < BATCH:
+                break
+
+    def handle_raw(self, sock: RawEspSocket) -> None:
+        inbound = self.inbound
+        if inbound is None:
+            return
+        batch = self._batch
+        for _ in range(MAX_BATCHES):
+            n = sock.recv_batch(batch)
+            if not n:
+                break
+            self.counters.esp_received += n
+            inbound.process([batch.view(i) for i in range(n)], self.clock())
+            if n < BATCH:
+                break
+
+    def _control(self, sock: UdpSocket, view: memoryview, addr: tuple[Any, ...]) -> None:
+        """A UDP 4500 datagram that is not ESP: IKE, keepalive or junk."""
+        kind, part = classify(view)
+        counters = self.counters
+        if kind == UdpKind.IKE:
+            if self._ike is None:
+                counters.ike_dropped += 1
+                return
+            counters.ike_received += 1
+            try:
+                self._ike(bytes(part), addr, sock.address)
+            except Exception:  # the IKE daemon's bug must not stop the datapath
+                log.exception("datapath: IKE handler failed")
+        elif kind == UdpKind.KEEPALIVE:
+            counters.keepalives_received += 1
+        else:
+            counters.malformed += 1
+
+    # -- IKE hook ----------------------------------------------------------------------------
+
+    def set_ike_handler(self, handler: IkeHandler | None) -> None:
+        """Where IKE messages received on UDP 4500 go (marker stripped)."""
+        self._ike = handler
+
+    def send_ike(self, message: bytes, peer: tuple[Any, ...]) -> bool:
+        """Send an IKE message on the UDP 4500 socket of the peer's family, with the marker."""
+        family = socket.AF_INET6 if ":" in str(peer[0]) else socket.AF_INET
+        sock = self.udp.get(family)
+        if sock is None:
+            return False
+        ok = sock.send(NON_ESP_MARKER + message, peer)
+        self.counters.ike_sent += ok
+        return ok
+
+    # -- control -----------------------------------------------------------------------------
+
+    def sync(self) -> None:
+        """Follow SPD and SAD changes: routes, SA contexts, held packets, keepalive peers."""
+        if self._syncing:
+            return
+        self._syncing = True
+        try:
+            kernel = self.kernel
+            if kernel.spd.generation != self._spd_gen:
+                self._spd_gen = kernel.spd.generation
+                if self.routes is not None:
+                    self.routes.sync(kernel.spd, self.table.local)
+            if kernel.sad.generation != self._sad_gen:
+                self._sad_gen = kernel.sad.generation
+                self.table.refresh()
+                self._keepalive_peers()
+                if self.outbound is not None and self.outbound.held:
+                    self.outbound.flush_held(self.clock())
+        finally:
+            self._syncing = False
+
+    def tick(self, now: float) -> None:
+        """Timer work: local address refresh, NAT keepalives."""
+        if now - self._local_at >= LOCAL_REFRESH:
+            self._local_at = now
+            try:
+                local = self._local()
+            except OSError as exc:
+                log.warning("datapath: cannot read local addresses: %s", exc)
+            else:
+                if local != self.table.local:
+                    self.table.set_local(local)
+                    self._spd_gen = self._sad_gen = -1  # re-route and re-index
+        self.sync()
+        outbound = self.outbound
+        if outbound is None:
+            return
+        interval = self.config.keepalive_interval
+        last_sent = outbound.last_sent
+        for peer, sock in self._peers.items():
+            if now - last_sent.get(peer, now - interval) >= interval:
+                last_sent[peer] = now
+                if sock.send(NAT_KEEPALIVE, peer):
+                    self.counters.keepalives_sent += 1
+
+    def _keepalive_peers(self) -> None:
+        """Peers of UDP-encapsulated SAs (the far end of each; keepalives keep NATs open)."""
+        local = self.table.local
+        peers: dict[tuple[Any, ...], UdpSocket] = {}
+        for sa in self.kernel.sad:
+            if sa.natt_type == NatTType.NONE or not sa.usable():
+                continue
+            if sa.dst.packed in local:
+                host, port = sa.src, sa.natt_sport
+            else:
+                host, port = sa.dst, sa.natt_dport
+            sock = self.udp.get(socket.AF_INET if host.version == 4 else socket.AF_INET6)
+            if sock is not None and port:
+                peers[(str(host), port)] = sock
+        last_sent = self.outbound.last_sent if self.outbound is not None else {}
+        now = self.clock()
+        for peer in peers:
+            last_sent.setdefault(peer, now)
+        self._peers = peers
+
+    def stats(self) -> dict[str, int]:
+        """Global counters, plus the socket and TUN drop counters."""
+        out = self.counters.as_dict()
+        out["sa_contexts"] = len(self.table.contexts)
+        out["held_packets"] = sum(len(q) for q in self.outbound.held.values()) \
+            if self.outbound is not None else 0
+        out["socket_tx_dropped"] = sum(s.stats.tx_dropped
+                                       for s in (*self._udp_all, *self.raw.values()))
+        out["socket_rx_dropped"] = sum(s.stats.rx_dropped
+                                       for s in (*self._udp_all, *self.raw.values()))
+        out["gso_sends"] = sum(s.stats.tx_gso_sends for s in self._udp_all)
+        if self.tun is not None:
+            out["tun_tx_dropped"] = self.tun.stats.tx_dropped
+        if self.routes is not None:
+            out["route_errors"] = self.routes.errors
+        return out

@@ -1,0 +1,117 @@
+"""Inbound: ESP from UDP 4500 or raw sockets -> SA by SPI -> replay, open -> policy -> TUN.
+
+The SA is found by SPI in an index of the SAD (``SaTable.by_spi``) where an SPI shared by two
+SAs goes to the one whose destination is a local address. After decryption the inner packet
+(tunnel mode: as is; transport mode: rebuilt with the SA's addresses) must match an ``in`` or
+``fwd`` ipsec policy whose ESP template this SA satisfies (RFC 4301 5.2), else it is dropped
+and counted as a policy mismatch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from datapath.esp import DropReason, EspDrop
+from datapath.ippacket import MalformedPacket, fix_l4_checksum, ip_header, parse
+from datapath.satable import SaTable
+from datapath.stats import DatapathStats
+from datapath.tun import TunDevice
+from userspace_ipsec.kernel import Delivery, Kernel
+from userspace_ipsec.pfkey.constants import IpsecMode, PolicyDir, PolicyType
+from userspace_ipsec.sa import SecurityAssociation
+
+Buffer = bytes | bytearray | memoryview
+_IN = int(PolicyDir.INBOUND)
+_FWD = int(PolicyDir.FWD)
+_IPSEC = PolicyType.IPSEC
+_TRANSPORT = IpsecMode.TRANSPORT
+_HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
+
+
+class Inbound:
+    __slots__ = ("kernel", "table", "stats", "tun", "deliver", "_buf")
+
+    def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
+                 deliver: Callable[[list[Delivery]], None]) -> None:
+        self.kernel = kernel
+        self.table = table
+        self.stats = stats
+        self.tun = tun
+        self.deliver = deliver
+        self._buf = memoryview(bytearray(_HEADROOM + 65536))
+
+    def process(self, packets: Sequence[Buffer], now: float) -> None:
+        """Open a batch of ESP packets (each from the SPI on) and write them to the TUN."""
+        table = self.table
+        table.refresh()
+        by_spi = table.by_spi
+        stats = self.stats
+        buf = self._buf
+        lookup = self.kernel.spd.lookup_packed
+        satisfies = table.satisfies
+        write = self.tun.write
+        marked: list[SecurityAssociation] = []
+        delivered = 0
+        for esp in packets:
+            ctx = by_spi.get(int.from_bytes(esp[:4], "big"))
+            if ctx is None:
+                stats.no_sa += 1
+                continue
+            sa = ctx.sa
+            try:
+                nh, end = ctx.transform.open_into(esp, buf, _HEADROOM)
+            except EspDrop as drop:
+                reason = drop.reason
+                if reason == DropReason.REPLAY:
+                    sa.replay_drops += 1
+                    stats.replay += 1
+                elif reason == DropReason.AUTH:
+                    sa.auth_failures += 1
+                    stats.auth_failures += 1
+                elif reason == DropReason.DUMMY:
+                    stats.dummy += 1
+                else:
+                    stats.malformed += 1
+                continue
+            size = end - _HEADROOM
+            if (nh == 4 or nh == 41) and sa.mode != _TRANSPORT:
+                inner: Buffer = buf[_HEADROOM:end]
+            else:
+                try:
+                    inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, size, ctx.natt)
+                except (MalformedPacket, ValueError):
+                    stats.malformed += 1
+                    continue
+            try:
+                info = parse(inner)
+            except MalformedPacket:
+                stats.malformed += 1
+                continue
+            policy = lookup(_IN, info.src, info.dst, info.proto, info.sport, info.dport)
+            if policy is None or policy.action != _IPSEC or not satisfies(sa, policy):
+                policy = lookup(_FWD, info.src, info.dst, info.proto, info.sport, info.dport)
+                if policy is None or policy.action != _IPSEC or not satisfies(sa, policy):
+                    stats.policy_mismatch += 1
+                    continue
+            sa.packets_in += 1
+            sa.bytes_in += size
+            if (sa.packets_in + sa.packets_out >= sa.packet_mark
+                    or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
+                marked.append(sa)
+            if write(inner):
+                delivered += 1
+            else:
+                stats.tun_write_errors += 1
+        stats.opened += delivered
+        for sa in set(marked):
+            self.deliver(self.kernel.note_traffic(sa, now))
+
+    def _rebuild(self, src: bytes, dst: bytes, proto: int, size: int, natt: bool) -> Buffer:
+        """Transport mode: the SA's addresses around the payload now at buf[_HEADROOM:]."""
+        header = ip_header(src, dst, proto, size)
+        start = _HEADROOM - len(header)
+        buf = self._buf
+        buf[start:_HEADROOM] = header
+        packet = buf[start:_HEADROOM + size]
+        # RFC 3948 3.1.2: behind a NAT the peer's checksum used addresses we never saw.
+        return fix_l4_checksum(packet) if natt else packet

@@ -1,0 +1,238 @@
+"""Outbound: packets the kernel routed into the TUN -> SPD -> ESP -> UDP 4500 or raw ESP.
+
+Only outbound ipsec policies have routes into the TUN (datapath.routes), so a packet read
+here normally matches one; one that matches none, or a discard/none policy, is dropped and
+counted ("none" traffic is never routed here: bypass is the kernel's plain routing).
+
+``process(packets, now)`` handles a batch: each packet is sealed into its own preallocated
+output slot and, per destination, the batch goes out in one GSO send where the socket can.
+A packet whose policy has no SA yet is held (bounded per policy, oldest dropped) while the
+Kernel sends SADB_ACQUIRE; ``flush_held`` sends them when an SA appears.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from ipaddress import ip_address
+
+from datapath.esp import SequenceExhausted
+from datapath.ippacket import (
+    MalformedPacket,
+    icmp_error_allowed,
+    icmp_frag_needed,
+    icmpv6_packet_too_big,
+    parse,
+    split_transport,
+)
+from datapath.satable import SaContext, SaTable, outbound_sa
+from datapath.stats import DatapathStats
+from datapath.tun import TunDevice
+from userspace_ipsec.kernel import Delivery, Flow, Kernel
+from userspace_ipsec.pfkey.constants import IpsecMode, PolicyDir, PolicyType
+from userspace_ipsec.sa import Policy, SecurityAssociation
+
+Buffer = bytes | bytearray | memoryview
+_OUT = int(PolicyDir.OUTBOUND)
+_IPSEC = PolicyType.IPSEC
+_DISCARD = PolicyType.DISCARD
+_TUNNEL = IpsecMode.TUNNEL
+SLOT_SIZE = 65535 + 256  # an inner packet of any size plus the ESP overhead
+
+
+class _Route:
+    """The cached answer for (policy, src, dst): context, mode, SAD generation it holds for."""
+
+    __slots__ = ("generation", "ctx", "tunnel")
+
+    def __init__(self, generation: int, ctx: SaContext | None, tunnel: bool) -> None:
+        self.generation = generation
+        self.ctx = ctx
+        self.tunnel = tunnel
+
+
+class Outbound:
+    __slots__ = ("kernel", "table", "stats", "tun", "deliver", "path_mtu", "queue_size",
+                 "held", "last_sent", "_routes", "_slots")
+
+    def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
+                 deliver: Callable[[list[Delivery]], None], *, path_mtu: int = 1500,
+                 queue_size: int = 32, batch: int = 64) -> None:
+        self.kernel = kernel
+        self.table = table
+        self.stats = stats
+        self.tun = tun
+        self.deliver = deliver
+        self.path_mtu = path_mtu
+        self.queue_size = queue_size
+        self.held: dict[Policy, deque[bytes]] = {}
+        self.last_sent: dict[tuple[object, ...], float] = {}  # sendto address -> time
+        self._routes: dict[tuple[Policy, bytes, bytes], _Route] = {}
+        self._slots = [memoryview(bytearray(SLOT_SIZE)) for _ in range(batch)]
+
+    def _route(self, policy: Policy, src: bytes, dst: bytes) -> _Route:
+        req = policy.requests[0] if policy.requests else None
+        sa = outbound_sa(self.kernel, policy, src, dst)
+        ctx = self.table.context(sa) if sa is not None else None
+        route = _Route(self.kernel.sad.generation, ctx,
+                       req is not None and req.mode == _TUNNEL)
+        if len(self._routes) > 65536:
+            self._routes.clear()
+        self._routes[(policy, src, dst)] = route
+        return route
+
+    def process(self, packets: Sequence[Buffer], now: float) -> None:
+        """Seal and send a batch of packets read from the TUN."""
+        stats = self.stats
+        lookup = self.kernel.spd.lookup_packed
+        routes = self._routes
+        generation = self.kernel.sad.generation
+        slots = self._slots
+        path_mtu = self.path_mtu
+        groups: dict[SaContext, list[memoryview]] = {}
+        marked: list[SecurityAssociation] = []
+        used = 0
+        for pkt in packets:
+            if used == len(slots):  # more packets than slots: send what we have first
+                self._send(groups, now)
+                groups = {}
+                used = 0
+            try:
+                info = parse(pkt)
+            except MalformedPacket:
+                stats.malformed += 1
+                continue
+            src, dst = info.src, info.dst
+            policy = lookup(_OUT, src, dst, info.proto, info.sport, info.dport)
+            if policy is None:
+                stats.no_policy += 1
+                continue
+            if policy.action != _IPSEC:
+                if policy.action == _DISCARD:
+                    stats.discard += 1
+                else:
+                    stats.bypass += 1
+                continue
+            route = routes.get((policy, src, dst))
+            if route is None or route.generation != generation:
+                route = self._route(policy, src, dst)
+            ctx = route.ctx
+            if ctx is None:
+                self._hold(policy, pkt, info.src, info.dst, info.proto, info.sport,
+                           info.dport, now)
+                continue
+            if route.tunnel:
+                payload: Buffer = pkt[:info.length]
+                nh = 4 if info.version == 4 else 41
+            else:
+                try:
+                    split = split_transport(pkt)
+                except MalformedPacket:
+                    stats.malformed += 1
+                    continue
+                payload, nh = split.payload, split.next_header
+            tr = ctx.transform
+            if ctx.outer + tr.sealed_len(len(payload)) > path_mtu and (
+                    info.version == 6 or pkt[6] & 0x40):
+                self._too_big(pkt, info.version, path_mtu - ctx.outer - tr.max_overhead)
+                continue
+            out = slots[used]
+            try:
+                end = tr.seal_into(payload, nh, out, 0)
+            except SequenceExhausted:
+                stats.seq_exhausted += 1
+                self.deliver(self.kernel.expire_now(ctx.sa, now))
+                continue
+            used += 1
+            group = groups.get(ctx)
+            if group is None:
+                groups[ctx] = [out[:end]]
+            else:
+                group.append(out[:end])
+            sa = ctx.sa
+            sa.packets_out += 1
+            sa.bytes_out += len(payload)
+            if (sa.packets_in + sa.packets_out >= sa.packet_mark
+                    or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
+                marked.append(sa)
+        if groups:
+            self._send(groups, now)
+        for sa in set(marked):
+            self.deliver(self.kernel.note_traffic(sa, now))
+
+    def _send(self, groups: dict[SaContext, list[memoryview]], now: float) -> None:
+        stats = self.stats
+        last_sent = self.last_sent
+        for ctx, datagrams in groups.items():
+            count = len(datagrams)
+            stats.sealed += count
+            if ctx.encap:
+                if ctx.udp is None:
+                    stats.tx_errors += count
+                    continue
+                sent = ctx.udp.send_batch(datagrams, ctx.addr)
+                last_sent[ctx.addr] = now
+            else:
+                raw = ctx.raw
+                if raw is None:
+                    stats.tx_errors += count
+                    continue
+                peer = ctx.addr[0]
+                sent = 0
+                for d in datagrams:
+                    sent += raw.send(d, peer)
+            stats.tx_errors += count - sent
+
+    def _too_big(self, pkt: Buffer, version: int, mtu: int) -> None:
+        """Tell the sender (through the TUN) the largest packet that fits this SA."""
+        if not icmp_error_allowed(pkt):
+            self.stats.malformed += 1
+            return
+        error = icmp_frag_needed(pkt, mtu) if version == 4 else \
+            icmpv6_packet_too_big(pkt, max(mtu, 1280))
+        if self.tun.write(error):
+            self.stats.ptb_sent += 1
+        else:
+            self.stats.tun_write_errors += 1
+
+    def _hold(self, policy: Policy, pkt: Buffer, src: bytes, dst: bytes, proto: int,
+              sport: int, dport: int, now: float) -> None:
+        stats = self.stats
+        if self.queue_size:
+            queue = self.held.get(policy)
+            if queue is None:
+                queue = self.held[policy] = deque(maxlen=self.queue_size)
+            if len(queue) == self.queue_size:
+                stats.queue_drops += 1
+            queue.append(bytes(pkt))
+            stats.queued += 1
+        flow = Flow(ip_address(src), ip_address(dst), proto, sport, dport)
+        deliveries = self.kernel.acquire(policy, flow, now)
+        if deliveries:
+            stats.acquires += 1
+            self.deliver(deliveries)
+
+    def flush_held(self, now: float) -> None:
+        """Send held packets whose policy has an SA now; forget those of removed policies."""
+        spd = self.kernel.spd
+        for policy, queue in list(self.held.items()):
+            if spd.get(policy.id) is not policy:
+                self.stats.queue_drops += len(queue)
+                del self.held[policy]
+                continue
+            ready = []
+            for pkt in queue:
+                try:
+                    info = parse(pkt)
+                except MalformedPacket:
+                    continue
+                if outbound_sa(self.kernel, policy, info.src, info.dst) is not None:
+                    ready.append(pkt)
+            if len(ready) == len(queue):
+                del self.held[policy]
+            else:
+                for pkt in ready:
+                    queue.remove(pkt)
+            if ready:
+                self.stats.queue_flushed += len(ready)
+                self.process(ready, now)
