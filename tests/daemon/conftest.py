@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.daemon.daemon_proc import RunningDaemon, start_daemon
-
-StartDaemon = Callable[..., RunningDaemon]
+from tests.daemon.daemon_proc import RunningDaemon, StartDaemon, start_daemon
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +98,9 @@ class RunningDaemon:
                 self.proc.kill()
                 self.proc.wait(timeout=STOP_TIMEOUT)
         return self.proc.returncode
+
+
+StartDaemon = Callable[..., RunningDaemon]  # the ``start`` fixture
 
 
 def start_daemon(run_dir: Path, log_path: Path, *extra: str,
