@@ -1,47 +1,55 @@
-"""Sans-IO IKE SA: IKE_SA_INIT and IKE_AUTH with a pre-shared key (RFC 7296 1.2, 2.15).
+"""Sans-IO IKE SA (RFC 7296): one `IkeSa` object per IKE SA, in the style of aioquic.
 
-One `IkeSa` object per IKE SA, in the style of aioquic: the caller feeds it datagrams and the
-current time, and collects datagrams to send, a timer deadline and events. No sockets, no
-clock, no sleeping. Covered: both roles, proposal selection, INVALID_KE_PAYLOAD and COOKIE
-retries on the initiator, NAT detection notifies, PSK AUTH, the first Child SA with traffic
-selector narrowing, retransmission with exponential back-off, and retransmitted requests
-answered from the cached response. Not yet: CREATE_CHILD_SA, INFORMATIONAL, rekeying.
+The caller feeds it datagrams and the current time, and collects datagrams to send, a timer
+deadline and events (`ike.events`). No sockets, no clock, no sleeping. This module holds the
+public API and IKE_SA_INIT + IKE_AUTH with a pre-shared key; CREATE_CHILD_SA lives in
+`ike.child_exchange`, INFORMATIONAL in `ike.informational`, the message-ID windows,
+retransmission and timers in `ike.core`.
+
+Daemon requests: `create_child`, `rekey_child(spi)`, `rekey_ike`, `delete_child(spi)`,
+`delete`, `check_liveness` (call it every dpd_delay). Each queues an exchange; with a window
+of one, exchanges run one after the other.
 """
 
 from __future__ import annotations
 
-import enum
+import dataclasses
 import hashlib
 import ipaddress
 import os
 import struct
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
+from ike.child_exchange import NONCE_BYTES, ChildExchanges
+from ike.config import IkeConfig
 from ike.constants import (
     AuthMethod,
     ExchangeType,
     HeaderFlag,
     NotifyType,
+    enum_name,
     is_error_notify,
 )
+from ike.core import TERMINAL, Address, ChildSa, ChildState, Fail, State
 from ike.crypto import (
-    ChildSaKeys,
-    IkeSaKeys,
     Prf,
-    SkProtection,
     auth_matches,
-    derive_child_keys,
-    derive_ike_keys,
-    ike_sa_ciphers,
     psk_auth,
+    rekeyed_skeyseed,
     signed_octets,
     skeyseed,
 )
-from ike.dh import KeyExchange, new_key_exchange
-from ike.errors import IkeCryptoError, IkeError, IkeIntegrityError, IkeParseError
-from ike.message import Message, decode_message, decrypt_message, encode_message, encrypt_message
+from ike.dh import new_key_exchange
+from ike.errors import IkeCryptoError, IkeError, IkeParseError
+from ike.events import (
+    ChildSaEstablished,
+    ChildSaFailed,
+    Event,
+    IkeSaEstablished,
+    IkeSaFailed,
+    InitialContact,
+)
+from ike.message import IkeHeader, Message, decode_message, encode_message
 from ike.payloads import (
     AuthPayload,
     IdiPayload,
@@ -52,79 +60,21 @@ from ike.payloads import (
     NotifyPayload,
     Payload,
     SaPayload,
-    TrafficSelector,
     TsiPayload,
     TsPayload,
     TsrPayload,
 )
 from ike.proposals import ProposalSpec, check_response, sa_payload, select_proposal
+from ike.selectors import narrow
 from ike.transforms import TransformSet
 
-Address = tuple[str, int]
-NONCE_BYTES = 32
+__all__ = [
+    "Address", "ChildSa", "ChildSaEstablished", "ChildState", "IkeConfig", "IkeSa",
+    "IkeSaEstablished", "IkeSaFailed", "State",
+]
+
 _MAX_INIT_RETRIES = 3  # INVALID_KE_PAYLOAD / COOKIE restarts before giving up
-
-
-@dataclass(slots=True)
-class IkeConfig:
-    local_id: tuple[int, bytes]  # (IdType, identification data)
-    psk: bytes = field(repr=False)
-    ike_proposals: list[ProposalSpec]
-    esp_proposals: list[ProposalSpec]
-    local_ts: list[TrafficSelector]
-    remote_ts: list[TrafficSelector]
-    remote_id: tuple[int, bytes] | None = None  # None: accept any identity that knows the PSK
-    transport_mode: bool = False
-    retransmit_timeout: float = 2.0
-    retransmit_tries: int = 5
-
-
-# --- Events -------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class IkeSaEstablished:
-    spi_i: bytes
-    spi_r: bytes
-    transforms: TransformSet
-    remote_id: tuple[int, bytes]
-    local_behind_nat: bool
-    remote_behind_nat: bool
-
-
-@dataclass(slots=True)
-class ChildSaEstablished:
-    inbound_spi: bytes
-    outbound_spi: bytes
-    transforms: TransformSet
-    local_ts: list[TrafficSelector]
-    remote_ts: list[TrafficSelector]
-    transport_mode: bool
-    encr_in: bytes = field(repr=False)
-    integ_in: bytes = field(repr=False)
-    encr_out: bytes = field(repr=False)
-    integ_out: bytes = field(repr=False)
-
-
-@dataclass(slots=True)
-class IkeSaFailed:
-    reason: str
-    notify: int | None = None  # the error notify sent or received, if any
-
-
-Event = IkeSaEstablished | ChildSaEstablished | IkeSaFailed
-
-
-class State(enum.Enum):
-    IDLE = "idle"
-    INIT_SENT = "init-sent"  # initiator waits for the IKE_SA_INIT response
-    INIT_DONE = "init-done"  # responder waits for IKE_AUTH
-    AUTH_SENT = "auth-sent"  # initiator waits for the IKE_AUTH response
-    ESTABLISHED = "established"
-    FAILED = "failed"
-
-
-# --- Helpers ------------------------------------------------------------------------------
+_PROTECTED = (State.ESTABLISHED, State.REKEYED, State.DELETING)
 
 
 def _nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
@@ -132,84 +82,26 @@ def _nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
     return hashlib.sha1(spi_i + spi_r + ip + struct.pack("!H", addr[1])).digest()
 
 
-def _narrow(offered: list, configured: list[TrafficSelector]) -> list[TrafficSelector]:
-    """Intersections of the peer's selectors with ours (RFC 7296 2.9), ours in order."""
-    out: list[TrafficSelector] = []
-    for mine in configured:
-        for theirs in offered:
-            if not isinstance(theirs, TrafficSelector):
-                continue
-            if mine.start_addr.version != theirs.start_addr.version:
-                continue
-            if 0 not in (mine.ip_protocol, theirs.ip_protocol) and \
-                    mine.ip_protocol != theirs.ip_protocol:
-                continue
-            start = max(int(mine.start_addr), int(theirs.start_addr))
-            end = min(int(mine.end_addr), int(theirs.end_addr))
-            sport = max(mine.start_port, theirs.start_port)
-            eport = min(mine.end_port, theirs.end_port)
-            if start <= end and sport <= eport:
-                make = type(mine.start_addr)
-                proto = mine.ip_protocol or theirs.ip_protocol
-                out.append(TrafficSelector(make(start), make(end), proto, sport, eport))
-    return out
+def _without_dh(specs: list[ProposalSpec]) -> list[ProposalSpec]:
+    """IKE_AUTH carries no KE, so its Child SA proposals name no DH group (RFC 7296 1.2)."""
+    return [dataclasses.replace(s, dh=()) for s in specs]
 
 
-class _Fail(Exception):
-    """Internal: abort the exchange, optionally answering with an error notify."""
-
-    def __init__(self, reason: str, notify: int | None = None, data: bytes = b"") -> None:
-        super().__init__(reason)
-        self.notify = notify
-        self.data = data
-
-
-# --- The IKE SA -------------------------------------------------------------------------------
-
-
-class IkeSa:
+class IkeSa(ChildExchanges):
     def __init__(self, config: IkeConfig, *, initiator: bool, local_addr: Address,
                  remote_addr: Address, child_spi: bytes,
-                 random: Callable[[int], bytes] = os.urandom) -> None:
+                 random: Callable[[int], bytes] = os.urandom,
+                 spi_allocator: Callable[[], bytes] | None = None) -> None:
+        """`child_spi` is our inbound ESP SPI for the first Child SA; `spi_allocator` gives
+        the inbound SPIs of later ones (default: random, e.g. plug in a GETSPI pool)."""
         if len(child_spi) != 4:
             raise ValueError("child_spi must be the 4-byte inbound ESP SPI")
-        self.config = config
-        self.initiator = initiator
-        self.local_addr = local_addr
-        self.remote_addr = remote_addr
-        self.state = State.IDLE
-        self._random = random
-        self._child_spi = child_spi
-        self.spi_i = random(8) if initiator else bytes(8)
-        self.spi_r = bytes(8)
-        self._events: deque[Event] = deque()
-        self._outbox: list[tuple[bytes, Address]] = []
-        # Request in flight (initiator) and last response (responder, for retransmits).
-        self._request: bytes | None = None
-        self._request_id = -1
-        self._sent_at = 0.0
-        self._tries = 0
-        self._last_response: tuple[int, bytes] | None = None
-        self._expected_id = 0
-        # Negotiation state.
-        self._kex: KeyExchange | None = None
-        self._dh_group = config.ike_proposals[0].dh[0]
-        self._cookie: bytes | None = None
-        self._init_retries = 0
-        self._nonce = b""
-        self._peer_nonce = b""
-        self._init_msg = b""  # our IKE_SA_INIT message, signed in AUTH
-        self._peer_init_msg = b""
-        self._suite: TransformSet | None = None
-        self._prf: Prf | None = None
-        self._keys: IkeSaKeys | None = None
-        self._out: SkProtection | None = None
-        self._in: SkProtection | None = None
-        self.local_behind_nat = False
-        self.remote_behind_nat = False
-        self.drops = 0  # datagrams ignored: malformed, unexpected, failed ICV
+        self._init_core(config, initiator, local_addr, remote_addr, random, spi_allocator)
+        self._first_child_spi = child_spi
+        if initiator:
+            self.spi_i = random(8)
 
-    # -- public API ------------------------------------------------------------------------
+    # -- public API --------------------------------------------------------------------------
 
     def initiate(self, now: float) -> None:
         if not self.initiator or self.state is not State.IDLE:
@@ -217,26 +109,21 @@ class IkeSa:
         self._send_sa_init(now)
 
     def receive_datagram(self, data: bytes, addr: Address, now: float) -> None:
-        if self.state is State.FAILED:
+        """Feed one IKE datagram (without the non-ESP marker). Never raises on bad input:
+        it is answered as the RFC asks or dropped and counted in `drops`."""
+        if self.state in TERMINAL:
+            self.drops += 1
             return
         try:
             msg = decode_message(data)
-        except IkeParseError:
-            self.drops += 1  # unauthenticated garbage: never answered (RFC 7296 2.21.1)
-            return
-        bound = self.initiator or self.state is not State.IDLE  # responder learns SPIi first
-        if bound and msg.spi_i != self.spi_i:
-            self.drops += 1
+        except IkeParseError as exc:
+            self.drops += 1  # unauthenticated garbage is never answered (2.21.1) ...
+            self._answer_bad_init(exc, addr)  # ... except a critical payload in a new INIT
             return
         try:
-            if msg.is_response:
-                self._on_response(msg, now)
-            else:
-                self._on_request(msg, addr, now)
-        except _Fail as fail:
+            self._dispatch(msg, addr, now)
+        except Fail as fail:
             self._fail(str(fail), fail.notify)
-        except IkeIntegrityError:
-            self.drops += 1
         except IkeError as exc:
             self._fail(str(exc), int(exc.notify))
 
@@ -244,35 +131,101 @@ class IkeSa:
         out, self._outbox = self._outbox, []
         return out
 
-    def get_timer(self) -> float | None:
-        if self._request is None or self.state in (State.FAILED, State.ESTABLISHED):
-            return None
-        return self._sent_at + self.config.retransmit_timeout * (2 ** (self._tries - 1))
-
-    def handle_timer(self, now: float) -> None:
-        deadline = self.get_timer()
-        if deadline is None or now < deadline or self._request is None:
-            return
-        if self._tries >= self.config.retransmit_tries:
-            self._fail(f"no response after {self._tries} transmissions")
-            return
-        self._tries += 1
-        self._sent_at = now
-        self._outbox.append((self._request, self.remote_addr))
-
     def next_event(self) -> Event | None:
         return self._events.popleft() if self._events else None
 
-    # -- sending ---------------------------------------------------------------------------
+    # -- dispatch ----------------------------------------------------------------------------
 
-    def _send_request(self, data: bytes, msg_id: int, now: float) -> None:
-        self._request, self._request_id = data, msg_id
-        self._sent_at, self._tries = now, 1
-        self._outbox.append((data, self.remote_addr))
+    def _dispatch(self, msg: Message, addr: Address, now: float) -> None:
+        if msg.is_initiator == self.initiator:
+            self.drops += 1  # our own message reflected, or a confused peer
+            return
+        if self.state is State.IDLE:
+            if self.initiator or msg.is_response or msg.exchange != ExchangeType.IKE_SA_INIT \
+                    or msg.message_id != 0:
+                self.drops += 1
+                return
+            self._on_sa_init_request(msg, addr)
+            return
+        if msg.spi_i != self.spi_i:
+            self.drops += 1
+            return
+        if msg.exchange == ExchangeType.IKE_SA_INIT:
+            if msg.is_response and self.state is State.INIT_SENT and msg.message_id == 0:
+                self._on_sa_init_response(msg, now)
+            elif msg.is_response or not self._is_retransmit(msg, addr):
+                self.drops += 1
+            return
+        if msg.spi_r != self.spi_r:
+            self.drops += 1
+        elif msg.is_response:
+            self._on_protected_response(msg, now)
+        else:
+            self._on_protected_request(msg, addr, now)
 
-    def _send_response(self, msg_id: int, data: bytes, addr: Address) -> None:
-        self._last_response = (msg_id, data)
-        self._outbox.append((data, addr))
+    def _on_protected_request(self, msg: Message, addr: Address, now: float) -> None:
+        if self._is_retransmit(msg, addr):
+            return
+        allowed = (msg.exchange == ExchangeType.IKE_AUTH and self.state is State.INIT_DONE) \
+            or (msg.exchange in (ExchangeType.CREATE_CHILD_SA, ExchangeType.INFORMATIONAL)
+                and self.state in _PROTECTED)
+        if msg.message_id != self._peer_next_id or not allowed:
+            self.drops += 1
+            return
+        opened = self._open(msg)
+        if opened is None:
+            return
+        self._peer_next_id += 1
+        failure: IkeParseError | None = None
+        if isinstance(opened, IkeParseError):
+            # Authentic but malformed: answer with the error, inside SK (2.21.2, 2.21.3).
+            reply = self._error_reply(opened)
+            failure = opened if msg.exchange == ExchangeType.IKE_AUTH else None
+        else:
+            req = Message(msg.exchange, msg.message_id, msg.spi_i, msg.spi_r, msg.flags,
+                          opened)
+            if msg.exchange == ExchangeType.IKE_AUTH:
+                reply = self._on_auth_request(req)
+            elif msg.exchange == ExchangeType.CREATE_CHILD_SA:
+                reply = self._on_create_child_request(req, now)
+            else:
+                reply = self._on_informational_request(req, now)
+        self._send_response(msg, self._encrypted(msg.exchange, msg.message_id, True, reply),
+                            addr)
+        if failure is not None:
+            self._fail(f"IKE_AUTH request malformed: {failure}", int(failure.notify))
+        self._kick(now)
+
+    def _on_protected_response(self, msg: Message, now: float) -> None:
+        req = self._pending
+        if req is None or msg.message_id != req.message_id or msg.exchange != req.exchange:
+            self.drops += 1
+            return
+        opened = self._open(msg)
+        if opened is None:
+            return
+        self._pending = None
+        if isinstance(opened, IkeParseError):
+            self._fail(f"malformed response to {req.kind}: {opened}", NotifyType.INVALID_SYNTAX)
+            return
+        assert req.on_response is not None
+        req.on_response(msg, opened, now)
+        self._kick(now)
+
+    def _answer_bad_init(self, exc: IkeParseError, addr: Address) -> None:
+        """A new IKE_SA_INIT with a critical payload we lack gets the notify (2.21.1)."""
+        header = exc.header
+        if self.initiator or self.state is not State.IDLE or \
+                exc.notify != NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD or header is None:
+            return
+        if not isinstance(header, IkeHeader) or header.exchange != ExchangeType.IKE_SA_INIT \
+                or header.is_response or header.message_id != 0:
+            return
+        reply = Message(ExchangeType.IKE_SA_INIT, 0, header.spi_i, bytes(8), HeaderFlag.RESPONSE,
+                        [NotifyPayload(exc.notify, exc.notify_data)])
+        self._outbox.append((encode_message(reply), addr))
+
+    # -- helpers shared by both roles --------------------------------------------------------
 
     def _nat_notifies(self) -> list[Payload]:
         return [
@@ -294,6 +247,64 @@ class IkeSa:
             self.local_behind_nat = dst.data != _nat_hash(msg.spi_i, msg.spi_r,
                                                           self.local_addr)
 
+    def _id_payload(self) -> IdPayload:
+        kind, data = self.config.local_id
+        return IdiPayload(kind, data) if self.initiator else IdrPayload(kind, data)
+
+    def _my_auth(self, id_payload: IdPayload) -> AuthPayload:
+        assert self._prf is not None and self._keys is not None
+        sk_p = self._keys.sk_pi if self.initiator else self._keys.sk_pr
+        octets = signed_octets(self._prf, self._init_msg, self._peer_nonce, sk_p,
+                               id_payload.body)
+        return AuthPayload(AuthMethod.SHARED_KEY_MIC, psk_auth(self._prf, self.config.psk,
+                                                               octets))
+
+    def _verify_peer_auth(self, id_payload: IdPayload, auth: Payload | None) -> None:
+        assert self._prf is not None and self._keys is not None
+        if not isinstance(auth, AuthPayload) or auth.kind != AuthMethod.SHARED_KEY_MIC:
+            raise Fail("peer AUTH missing or not PSK", NotifyType.AUTHENTICATION_FAILED)
+        sk_p = self._keys.sk_pr if self.initiator else self._keys.sk_pi
+        octets = signed_octets(self._prf, self._peer_init_msg, self._nonce, sk_p,
+                               id_payload.body)
+        if not auth_matches(psk_auth(self._prf, self.config.psk, octets), auth.data):
+            raise Fail("peer AUTH does not verify", NotifyType.AUTHENTICATION_FAILED)
+        expected = self.config.remote_id
+        if expected is not None and (id_payload.kind, id_payload.data) != expected:
+            raise Fail("peer identity does not match the configuration",
+                       NotifyType.AUTHENTICATION_FAILED)
+
+    def _derive(self, suite: TransformSet, shared: bytes) -> None:
+        ni, nr = (self._nonce, self._peer_nonce) if self.initiator else \
+            (self._peer_nonce, self._nonce)
+        prf = Prf.for_id(suite.prf_alg.id)
+        self._install_keys(suite, skeyseed(prf, ni, nr, shared), ni, nr)
+
+    def _established(self, remote_id: tuple[int, bytes]) -> None:
+        assert self._suite is not None
+        self.state = State.ESTABLISHED
+        self.remote_id = remote_id
+        self._emit(IkeSaEstablished(self.spi_i, self.spi_r, self._suite, remote_id,
+                                    self.local_behind_nat, self.remote_behind_nat))
+        self._init_msg = self._peer_init_msg = b""  # no longer needed
+        self._kex = None
+
+    def _successor(self, initiator: bool, spi_i: bytes, spi_r: bytes, suite: TransformSet,
+                   shared: bytes, ni: bytes, nr: bytes) -> IkeSa:
+        assert self._prf is not None and self._keys is not None
+        seed = rekeyed_skeyseed(self._prf, self._keys.sk_d, shared, ni, nr)
+        new = IkeSa.__new__(IkeSa)
+        new._init_core(self.config, initiator, self.local_addr, self.remote_addr,
+                       self._random, self._allocate_spi)
+        new.spi_i, new.spi_r = spi_i, spi_r
+        new._install_keys(suite, seed, ni, nr)
+        new.state = State.ESTABLISHED
+        new.remote_id = self.remote_id
+        new.local_behind_nat, new.remote_behind_nat = self.local_behind_nat, \
+            self.remote_behind_nat
+        return new
+
+    # -- IKE_SA_INIT -------------------------------------------------------------------------
+
     def _send_sa_init(self, now: float) -> None:
         self._kex = new_key_exchange(self._dh_group)
         self._nonce = self._random(NONCE_BYTES)
@@ -307,98 +318,9 @@ class IkeSa:
                       payloads)
         self._init_msg = encode_message(msg)
         self.state = State.INIT_SENT
-        self._send_request(self._init_msg, 0, now)
-
-    def _encrypted(self, exchange: int, msg_id: int, response: bool,
-                   inner: list[Payload]) -> bytes:
-        assert self._out is not None
-        flags = (HeaderFlag.INITIATOR if self.initiator else 0) | \
-            (HeaderFlag.RESPONSE if response else 0)
-        msg = Message(exchange, msg_id, self.spi_i, self.spi_r, flags)
-        return encrypt_message(msg, inner, self._out)
-
-    def _id_payload(self) -> IdPayload:
-        kind, data = self.config.local_id
-        return IdiPayload(kind, data) if self.initiator else IdrPayload(kind, data)
-
-    def _my_auth(self, id_payload: IdPayload) -> AuthPayload:
-        assert self._prf is not None and self._keys is not None
-        sk_p = self._keys.sk_pi if self.initiator else self._keys.sk_pr
-        octets = signed_octets(self._prf, self._init_msg, self._peer_nonce, sk_p,
-                               id_payload.body)
-        return AuthPayload(AuthMethod.SHARED_KEY_MIC, psk_auth(self._prf, self.config.psk,
-                                                               octets))
-
-    def _verify_peer_auth(self, id_payload: IdPayload, auth: AuthPayload | None) -> None:
-        assert self._prf is not None and self._keys is not None
-        if auth is None or auth.kind != AuthMethod.SHARED_KEY_MIC:
-            raise _Fail("peer AUTH missing or not PSK", NotifyType.AUTHENTICATION_FAILED)
-        sk_p = self._keys.sk_pr if self.initiator else self._keys.sk_pi
-        octets = signed_octets(self._prf, self._peer_init_msg, self._nonce, sk_p,
-                               id_payload.body)
-        if not auth_matches(psk_auth(self._prf, self.config.psk, octets), auth.data):
-            raise _Fail("peer AUTH does not verify", NotifyType.AUTHENTICATION_FAILED)
-        expected = self.config.remote_id
-        if expected is not None and (id_payload.kind, id_payload.data) != expected:
-            raise _Fail("peer identity does not match the configuration",
-                        NotifyType.AUTHENTICATION_FAILED)
-
-    def _derive(self, suite: TransformSet, shared: bytes) -> None:
-        ni, nr = (self._nonce, self._peer_nonce) if self.initiator else \
-            (self._peer_nonce, self._nonce)
-        self._suite = suite
-        self._prf = Prf.for_id(suite.prf_alg.id)
-        seed = skeyseed(self._prf, ni, nr, shared)
-        self._keys = derive_ike_keys(suite, seed, ni, nr, self.spi_i, self.spi_r)
-        self._out, self._in = ike_sa_ciphers(suite, self._keys, self.initiator)
-
-    def _child_established(self, suite: TransformSet, peer_spi: bytes,
-                           ts_local: list[TrafficSelector], ts_remote: list[TrafficSelector],
-                           transport: bool) -> ChildSaEstablished:
-        assert self._prf is not None and self._keys is not None
-        ni, nr = (self._nonce, self._peer_nonce) if self.initiator else \
-            (self._peer_nonce, self._nonce)
-        keys: ChildSaKeys = derive_child_keys(self._prf, self._keys.sk_d, suite, ni, nr)
-        if self.initiator:
-            enc_out, int_out, enc_in, int_in = keys.encr_i, keys.integ_i, keys.encr_r, \
-                keys.integ_r
-        else:
-            enc_out, int_out, enc_in, int_in = keys.encr_r, keys.integ_r, keys.encr_i, \
-                keys.integ_i
-        return ChildSaEstablished(self._child_spi, peer_spi, suite, ts_local, ts_remote,
-                                  transport, enc_in, int_in, enc_out, int_out)
-
-    def _established(self, remote_id: tuple[int, bytes]) -> None:
-        assert self._suite is not None
-        self.state = State.ESTABLISHED
-        self._request = None
-        self._events.append(IkeSaEstablished(self.spi_i, self.spi_r, self._suite, remote_id,
-                                             self.local_behind_nat, self.remote_behind_nat))
-
-    def _fail(self, reason: str, notify: int | None = None) -> None:
-        self.state = State.FAILED
-        self._request = None
-        self._events.append(IkeSaFailed(reason, notify))
-
-    # -- responder -------------------------------------------------------------------------
-
-    def _on_request(self, msg: Message, addr: Address, now: float) -> None:
-        if self.initiator:
-            self.drops += 1  # requests on an unestablished initiator SA: not handled yet
-            return
-        if self._last_response is not None and msg.message_id == self._last_response[0]:
-            self._outbox.append((self._last_response[1], addr))  # retransmitted request
-            return
-        if msg.message_id != self._expected_id:
-            self.drops += 1
-            return
-        if self.state is State.IDLE and msg.exchange == ExchangeType.IKE_SA_INIT:
-            self._on_sa_init_request(msg, addr)
-        elif self.state is State.INIT_DONE and msg.exchange == ExchangeType.IKE_AUTH \
-                and msg.spi_r == self.spi_r:
-            self._on_auth_request(msg, addr)
-        else:
-            self.drops += 1
+        self._pending = None
+        self._next_id = 0
+        self._send_request(ExchangeType.IKE_SA_INIT, self._init_msg, now, "IKE_SA_INIT", None)
 
     def _init_error(self, msg: Message, addr: Address, notify: int, data: bytes = b"") -> None:
         reply = Message(ExchangeType.IKE_SA_INIT, 0, msg.spi_i, bytes(8), HeaderFlag.RESPONSE,
@@ -410,11 +332,11 @@ class IkeSa:
         if not (isinstance(sa, SaPayload) and isinstance(ke, KePayload)
                 and isinstance(nonce, NoncePayload)) or msg.spi_r != bytes(8):
             self._init_error(msg, addr, NotifyType.INVALID_SYNTAX)
-            raise _Fail("IKE_SA_INIT request lacks SA, KE or Nonce", NotifyType.INVALID_SYNTAX)
+            raise Fail("IKE_SA_INIT request lacks SA, KE or Nonce", NotifyType.INVALID_SYNTAX)
         chosen = select_proposal(self.config.ike_proposals, sa.proposals)
         if chosen is None:
             self._init_error(msg, addr, NotifyType.NO_PROPOSAL_CHOSEN)
-            raise _Fail("no acceptable IKE proposal", NotifyType.NO_PROPOSAL_CHOSEN)
+            raise Fail("no acceptable IKE proposal", NotifyType.NO_PROPOSAL_CHOSEN)
         suite = chosen.transforms
         if ke.group != suite.dh:
             # Stateless: the initiator retries with the group we name (RFC 7296 1.2).
@@ -422,122 +344,46 @@ class IkeSa:
                              struct.pack("!H", suite.dh))
             self.drops += 1
             return
-        self.spi_i = msg.spi_i
-        self.spi_r = self._random(8)
-        self._kex = new_key_exchange(suite.dh)
+        kex = new_key_exchange(suite.dh)
         try:
-            shared = self._kex.shared_secret(ke.data)
+            shared = kex.shared_secret(ke.data)
         except IkeCryptoError as exc:
             self._init_error(msg, addr, NotifyType.INVALID_SYNTAX)
-            raise _Fail(str(exc), NotifyType.INVALID_SYNTAX) from None
+            raise Fail(str(exc), NotifyType.INVALID_SYNTAX) from None
+        self._kex = kex
+        self.spi_i = msg.spi_i
+        self.spi_r = self._random(8)
         self._peer_nonce = nonce.nonce
         self._nonce = self._random(NONCE_BYTES)
         self._peer_init_msg = msg.raw
         self._check_nat(msg)
         reply = Message(ExchangeType.IKE_SA_INIT, 0, self.spi_i, self.spi_r, HeaderFlag.RESPONSE,
                         [SaPayload([chosen.proposal()]),
-                         KePayload(suite.dh, self._kex.public_value()),
+                         KePayload(suite.dh, kex.public_value()),
                          NoncePayload(self._nonce), *self._nat_notifies()])
         self._init_msg = encode_message(reply)
         self._derive(suite, shared)
         self.state = State.INIT_DONE
-        self._expected_id = 1
-        self._send_response(0, self._init_msg, addr)
-
-    def _on_auth_request(self, msg: Message, addr: Address) -> None:
-        inner = decrypt_message(msg, self._in)  # type: ignore[arg-type]
-        ok = Message(ExchangeType.IKE_AUTH, 1, msg.spi_i, msg.spi_r, 0, inner)
-        idi, auth = ok.find(IdiPayload), ok.find(AuthPayload)
-        sa, tsi, tsr = ok.find(SaPayload), ok.find(TsiPayload), ok.find(TsrPayload)
-        try:
-            if not isinstance(idi, IdiPayload):
-                raise _Fail("IKE_AUTH request without IDi", NotifyType.INVALID_SYNTAX)
-            self._verify_peer_auth(idi, auth if isinstance(auth, AuthPayload) else None)
-        except _Fail as fail:
-            self._send_response(1, self._encrypted(ExchangeType.IKE_AUTH, 1, True, [
-                NotifyPayload(fail.notify or NotifyType.AUTHENTICATION_FAILED)]), addr)
-            raise
-        my_id = self._id_payload()
-        reply: list[Payload] = [my_id, self._my_auth(my_id)]
-        child = self._responder_child(sa, tsi, tsr, ok, reply)
-        self._send_response(1, self._encrypted(ExchangeType.IKE_AUTH, 1, True, reply), addr)
-        self._expected_id = 2
-        self._established((idi.kind, idi.data))
-        if isinstance(child, ChildSaEstablished):
-            self._events.append(child)
-        else:
-            self._events.append(IkeSaFailed(f"Child SA not created: {child.name}", child))
-
-    def _responder_child(self, sa: Payload | None, tsi: Payload | None, tsr: Payload | None,
-                         msg: Message, reply: list[Payload]) -> ChildSaEstablished | NotifyType:
-        if not (isinstance(sa, SaPayload) and isinstance(tsi, TsPayload)
-                and isinstance(tsr, TsPayload)):
-            reply.append(NotifyPayload(NotifyType.INVALID_SYNTAX))
-            return NotifyType.INVALID_SYNTAX
-        chosen = select_proposal(self.config.esp_proposals, sa.proposals, skip_dh=True)
-        if chosen is None:
-            reply.append(NotifyPayload(NotifyType.NO_PROPOSAL_CHOSEN))
-            return NotifyType.NO_PROPOSAL_CHOSEN
-        ts_i = _narrow(tsi.selectors, self.config.remote_ts)
-        ts_r = _narrow(tsr.selectors, self.config.local_ts)
-        if not ts_i or not ts_r:
-            reply.append(NotifyPayload(NotifyType.TS_UNACCEPTABLE))
-            return NotifyType.TS_UNACCEPTABLE
-        transport = self.config.transport_mode and \
-            msg.notify(NotifyType.USE_TRANSPORT_MODE) is not None
-        if transport:
-            reply.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
-        reply += [SaPayload([chosen.proposal(self._child_spi)]), TsiPayload(list(ts_i)),
-                  TsrPayload(list(ts_r))]
-        return self._child_established(chosen.transforms, chosen.spi, ts_r, ts_i, transport)
-
-    # -- initiator -------------------------------------------------------------------------
-
-    def _on_response(self, msg: Message, now: float) -> None:
-        if not self.initiator or msg.message_id != self._request_id or self._request is None:
-            self.drops += 1
-            return
-        if self.state is State.INIT_SENT and msg.exchange == ExchangeType.IKE_SA_INIT:
-            self._on_sa_init_response(msg, now)
-        elif self.state is State.AUTH_SENT and msg.exchange == ExchangeType.IKE_AUTH \
-                and msg.spi_r == self.spi_r:
-            self._on_auth_response(msg)
-        else:
-            self.drops += 1
+        self._peer_next_id = 1
+        self._send_response(msg, self._init_msg, addr)
 
     def _on_sa_init_response(self, msg: Message, now: float) -> None:
-        cookie = msg.notify(NotifyType.COOKIE)
-        invalid_ke = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
-        if cookie is not None or invalid_ke is not None:
-            self._init_retries += 1
-            if self._init_retries > _MAX_INIT_RETRIES:
-                raise _Fail("too many IKE_SA_INIT restarts")
-            if cookie is not None:
-                self._cookie = cookie.data
-            if invalid_ke is not None:
-                group = struct.unpack("!H", invalid_ke.data)[0] if len(invalid_ke.data) == 2 \
-                    else -1
-                if not any(group in spec.dh for spec in self.config.ike_proposals):
-                    raise _Fail(f"responder wants DH group {group}, which we do not offer",
-                                NotifyType.INVALID_KE_PAYLOAD)
-                self._dh_group = group
-            self._send_sa_init(now)
+        sa = msg.find(SaPayload)
+        if not isinstance(sa, SaPayload):
+            # Only a notify-only answer is an error answer; anything else is noise.
+            self._on_sa_init_refusal(msg, now)
             return
-        for n in msg.notifies():
-            if is_error_notify(n.notify_type):
-                raise _Fail(f"IKE_SA_INIT refused: {NotifyType(n.notify_type).name}"
-                            if n.notify_type in NotifyType._value2member_map_
-                            else f"IKE_SA_INIT refused: {n.notify_type}", n.notify_type)
-        sa, ke, nonce = msg.find(SaPayload), msg.find(KePayload), msg.find(NoncePayload)
-        if not (isinstance(sa, SaPayload) and isinstance(ke, KePayload)
-                and isinstance(nonce, NoncePayload)) or msg.spi_r == bytes(8):
-            raise _Fail("IKE_SA_INIT response lacks SA, KE or Nonce", NotifyType.INVALID_SYNTAX)
+        ke, nonce = msg.find(KePayload), msg.find(NoncePayload)
+        if not (isinstance(ke, KePayload) and isinstance(nonce, NoncePayload)) \
+                or msg.spi_r == bytes(8):
+            raise Fail("IKE_SA_INIT response lacks SA, KE or Nonce", NotifyType.INVALID_SYNTAX)
         chosen = check_response(self.config.ike_proposals, sa)
         if chosen is None or chosen.transforms.dh != ke.group or ke.group != self._dh_group:
-            raise _Fail("responder chose a proposal we did not offer",
-                        NotifyType.NO_PROPOSAL_CHOSEN)
+            raise Fail("responder chose a proposal we did not offer",
+                       NotifyType.NO_PROPOSAL_CHOSEN)
         assert self._kex is not None
         shared = self._kex.shared_secret(ke.data)
+        self._pending = None
         self.spi_r = msg.spi_r
         self._peer_nonce = nonce.nonce
         self._peer_init_msg = msg.raw
@@ -545,38 +391,102 @@ class IkeSa:
         self._derive(chosen.transforms, shared)
         my_id = self._id_payload()
         inner: list[Payload] = [my_id, self._my_auth(my_id)]
+        if self.config.initial_contact:
+            inner.append(NotifyPayload(NotifyType.INITIAL_CONTACT))
         if self.config.transport_mode:
             inner.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
-        inner += [sa_payload(self.config.esp_proposals, self._child_spi),
+        inner += [sa_payload(_without_dh(self.config.esp_proposals), self._first_child_spi),
                   TsiPayload(list(self.config.local_ts)), TsrPayload(list(self.config.remote_ts))]
         self.state = State.AUTH_SENT
-        self._send_request(self._encrypted(ExchangeType.IKE_AUTH, 1, False, inner), 1, now)
+        self._request(ExchangeType.IKE_AUTH, inner, now, "IKE_AUTH", self._on_auth_response)
 
-    def _on_auth_response(self, msg: Message) -> None:
-        inner = Message(ExchangeType.IKE_AUTH, 1, msg.spi_i, msg.spi_r, 0,
-                        decrypt_message(msg, self._in))  # type: ignore[arg-type]
+    def _on_sa_init_refusal(self, msg: Message, now: float) -> None:
+        notifies = msg.notifies()
+        cookie = msg.notify(NotifyType.COOKIE)
+        invalid_ke = msg.notify(NotifyType.INVALID_KE_PAYLOAD)
+        if cookie is not None or invalid_ke is not None:
+            self._init_retries += 1
+            if self._init_retries > _MAX_INIT_RETRIES:
+                raise Fail("too many IKE_SA_INIT restarts")
+            if cookie is not None:
+                self._cookie = cookie.data
+            if invalid_ke is not None:
+                group = struct.unpack("!H", invalid_ke.data)[0] if len(invalid_ke.data) == 2 \
+                    else -1
+                if not any(group in spec.dh for spec in self.config.ike_proposals):
+                    raise Fail(f"responder wants DH group {group}, which we do not offer",
+                               NotifyType.INVALID_KE_PAYLOAD)
+                self._dh_group = group
+            self._send_sa_init(now)
+            return
+        errors = [n.notify_type for n in notifies if is_error_notify(n.notify_type)]
+        if errors:
+            raise Fail(f"IKE_SA_INIT refused: {enum_name(NotifyType, errors[0])}", errors[0])
+        self.drops += 1
+
+    # -- IKE_AUTH ----------------------------------------------------------------------------
+
+    def _on_auth_request(self, req: Message) -> list[Payload]:
+        idi, auth = req.find(IdiPayload), req.find(AuthPayload)
+        try:
+            if not isinstance(idi, IdiPayload):
+                raise Fail("IKE_AUTH request without IDi", NotifyType.INVALID_SYNTAX)
+            self._verify_peer_auth(idi, auth)
+        except Fail as fail:
+            self._fail(str(fail), fail.notify)
+            return [NotifyPayload(fail.notify or NotifyType.AUTHENTICATION_FAILED)]
+        my_id = self._id_payload()
+        reply: list[Payload] = [my_id, self._my_auth(my_id)]
+        self._established((idi.kind, idi.data))
+        if req.notify(NotifyType.INITIAL_CONTACT) is not None:
+            self._emit(InitialContact((idi.kind, idi.data), self.spi_i, self.spi_r))
+        try:
+            chosen, ts_i, ts_r, transport = self._select_child(req, in_auth=True)
+        except Fail as fail:
+            code = fail.notify or NotifyType.INVALID_SYNTAX
+            self._emit(ChildSaFailed(f"Child SA not created: {fail}", code))
+            return [*reply, NotifyPayload(code)]
+        if transport:
+            reply.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
+        reply += [SaPayload([chosen.proposal(self._first_child_spi)]), TsiPayload(list(ts_i)),
+                  TsrPayload(list(ts_r))]
+        self._install_child(chosen.transforms, self._peer_nonce, self._nonce, None, False,
+                            self._first_child_spi, chosen.spi, ts_r, ts_i, transport, None)
+        return reply
+
+    def _on_auth_response(self, msg: Message, inner_payloads: list[Payload],
+                          now: float) -> None:
+        inner = Message(msg.exchange, msg.message_id, msg.spi_i, msg.spi_r, msg.flags,
+                        inner_payloads)
         idr, auth = inner.find(IdrPayload), inner.find(AuthPayload)
-        if not isinstance(idr, IdrPayload):
-            errors = [n.notify_type for n in inner.notifies() if is_error_notify(n.notify_type)]
-            raise _Fail("IKE_AUTH refused", errors[0] if errors else NotifyType.INVALID_SYNTAX)
-        self._verify_peer_auth(idr, auth if isinstance(auth, AuthPayload) else None)
-        self._established((idr.kind, idr.data))
         errors = [n.notify_type for n in inner.notifies() if is_error_notify(n.notify_type)]
+        if not isinstance(idr, IdrPayload):
+            raise Fail("IKE_AUTH refused", errors[0] if errors else NotifyType.INVALID_SYNTAX)
+        try:
+            self._verify_peer_auth(idr, auth)
+        except Fail:
+            # Tell the responder, which believes the SA is up (2.21.2), then give up.
+            self._outbox.append((self._encrypted(
+                ExchangeType.INFORMATIONAL, self._next_id, False,
+                [NotifyPayload(NotifyType.AUTHENTICATION_FAILED)]), self.remote_addr))
+            raise
+        self._established((idr.kind, idr.data))
         sa, tsi, tsr = inner.find(SaPayload), inner.find(TsiPayload), inner.find(TsrPayload)
         if errors or not (isinstance(sa, SaPayload) and isinstance(tsi, TsPayload)
                           and isinstance(tsr, TsPayload)):
             code = errors[0] if errors else NotifyType.INVALID_SYNTAX
-            self._events.append(IkeSaFailed("Child SA not created", code))
+            self._emit(ChildSaFailed("Child SA not created", code))
             return
-        chosen = check_response(self.config.esp_proposals, sa, skip_dh=True)
-        ts_i = _narrow(tsi.selectors, self.config.local_ts)
-        ts_r = _narrow(tsr.selectors, self.config.remote_ts)
+        chosen = check_response(_without_dh(self.config.esp_proposals), sa, skip_dh=True)
+        ts_i = narrow(tsi.selectors, self.config.local_ts)
+        ts_r = narrow(tsr.selectors, self.config.remote_ts)
         if chosen is None or len(chosen.spi) != 4 or not ts_i or not ts_r:
-            self._events.append(IkeSaFailed("Child SA reply unacceptable",
-                                            NotifyType.NO_PROPOSAL_CHOSEN))
+            self._emit(ChildSaFailed("Child SA reply unacceptable",
+                                     NotifyType.NO_PROPOSAL_CHOSEN))
+            self._queue_delete_spis([self._first_child_spi], now)
             return
         transport = self.config.transport_mode and \
             inner.notify(NotifyType.USE_TRANSPORT_MODE) is not None
-        self._events.append(self._child_established(chosen.transforms, chosen.spi, ts_i, ts_r,
-                                                    transport))
+        self._install_child(chosen.transforms, self._nonce, self._peer_nonce, None, True,
+                            self._first_child_spi, chosen.spi, ts_i, ts_r, transport, None)
 

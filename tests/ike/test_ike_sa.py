@@ -1,63 +1,12 @@
-import ipaddress
 import struct
 
 from ike.constants import DhId, EncrId, ExchangeType, IdType, NotifyType
+from ike.events import ChildSaFailed, InitialContact
 from ike.message import Message, decode_message, encode_message
-from ike.payloads import KePayload, NotifyPayload, SaPayload, TrafficSelector
+from ike.payloads import KePayload, NotifyPayload, SaPayload
 from ike.proposals import parse_proposals
-from ike.sa import ChildSaEstablished, IkeConfig, IkeSa, IkeSaEstablished, IkeSaFailed, State
-
-I_ADDR, R_ADDR = ("192.0.2.1", 500), ("198.51.100.1", 500)
-
-
-def ts(net: str) -> TrafficSelector:
-    n = ipaddress.ip_network(net)
-    return TrafficSelector(n[0], n[-1])
-
-
-def config(side: str, **over: object) -> IkeConfig:
-    local, remote = ("10.1.0.0/16", "10.2.0.0/16") if side == "i" else \
-        ("10.2.0.0/16", "10.1.0.0/16")
-    base: dict[str, object] = dict(
-        local_id=(IdType.FQDN, b"alice" if side == "i" else b"gw"),
-        psk=b"correct horse battery staple",
-        ike_proposals=parse_proposals("aes128gcm16-prfsha256-x25519", "ike"),
-        esp_proposals=parse_proposals("aes128gcm16", "esp"),
-        local_ts=[ts(local)], remote_ts=[ts(remote)],
-    )
-    base.update(over)
-    return IkeConfig(**base)  # type: ignore[arg-type]
-
-
-def pair(i_over: dict | None = None, r_over: dict | None = None) -> tuple[IkeSa, IkeSa]:
-    i = IkeSa(config("i", **(i_over or {})), initiator=True, local_addr=I_ADDR,
-              remote_addr=R_ADDR, child_spi=b"\xc0\x00\x00\x01")
-    r = IkeSa(config("r", **(r_over or {})), initiator=False, local_addr=R_ADDR,
-              remote_addr=I_ADDR, child_spi=b"\xc0\x00\x00\x02")
-    return i, r
-
-
-def pump(i: IkeSa, r: IkeSa, now: float = 0.0, rounds: int = 10) -> int:
-    """Deliver datagrams both ways until quiet; returns how many were delivered."""
-    delivered = 0
-    for _ in range(rounds):
-        moved = False
-        for src, dst, addr in ((i, r, I_ADDR), (r, i, R_ADDR)):
-            for data, _ in src.datagrams_to_send(now):
-                dst.receive_datagram(data, addr, now)
-                delivered += 1
-                moved = True
-        if not moved:
-            break
-    return delivered
-
-
-def events(sa: IkeSa) -> list:
-    out = []
-    while (e := sa.next_event()) is not None:
-        out.append(e)
-    return out
-
+from ike.sa import ChildSaEstablished, IkeSa, IkeSaEstablished, IkeSaFailed, State
+from tests.ike.harness import I_ADDR, R_ADDR, config, events, pair, pump, ts
 
 def test_psk_handshake_establishes_ike_and_child_sa() -> None:
     i, r = pair()
@@ -66,7 +15,9 @@ def test_psk_handshake_establishes_ike_and_child_sa() -> None:
     assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
     ie, re_ = events(i), events(r)
     assert [type(e) for e in ie] == [IkeSaEstablished, ChildSaEstablished]
-    assert [type(e) for e in re_] == [IkeSaEstablished, ChildSaEstablished]
+    assert [type(e) for e in re_] == [IkeSaEstablished, InitialContact, ChildSaEstablished]
+    assert re_[1] == InitialContact((IdType.FQDN, b"alice"), re_[0].spi_i, re_[0].spi_r)
+    re_.pop(1)
     assert ie[0].spi_i == re_[0].spi_i and ie[0].spi_r == re_[0].spi_r
     assert ie[0].remote_id == (IdType.FQDN, b"gw")
     assert re_[0].remote_id == (IdType.FQDN, b"alice")
@@ -148,7 +99,8 @@ def test_child_proposal_mismatch_keeps_ike_sa() -> None:
     assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
     ie = events(i)
     assert isinstance(ie[0], IkeSaEstablished)
-    assert ie[1] == IkeSaFailed("Child SA not created", NotifyType.NO_PROPOSAL_CHOSEN)
+    assert ie[1] == ChildSaFailed("Child SA not created", NotifyType.NO_PROPOSAL_CHOSEN)
+    assert i.child_sas == [] and r.child_sas == []
 
 
 def test_ts_unacceptable() -> None:
@@ -162,28 +114,44 @@ def test_transport_mode_negotiated() -> None:
     i, r = pair({"transport_mode": True}, {"transport_mode": True})
     i.initiate(0.0)
     pump(i, r)
-    assert events(i)[1].transport_mode and events(r)[1].transport_mode
+    assert events(i)[1].transport_mode and events(r)[2].transport_mode
 
 
-def test_retransmission_backoff_and_give_up() -> None:
+def test_retransmission_uses_strongswan_backoff_and_gives_up() -> None:
     i, _ = pair()
     i.initiate(0.0)
     first = i.datagrams_to_send(0.0)
-    assert i.get_timer() == 2.0
-    i.handle_timer(1.0)
-    assert i.datagrams_to_send(1.0) == []
+    assert i.get_timer() == 4.0
+    i.handle_timer(3.9)
+    assert i.datagrams_to_send(3.9) == []
     now = 0.0
-    resent = []
+    sent_at = []
     for _ in range(10):
         deadline = i.get_timer()
         if deadline is None:
             break
         now = deadline
         i.handle_timer(now)
-        resent += i.datagrams_to_send(now)
-    assert [d for d, _ in resent] == [first[0][0]] * 4  # 5 transmissions in all
-    assert now == 2.0 + 4.0 + 8.0 + 16.0 + 32.0
+        out = i.datagrams_to_send(now)
+        assert [d for d, _ in out] in ([first[0][0]], [])
+        if out:
+            sent_at.append(round(now, 4))
+    # timeout 4 s, base 1.8, 5 retransmissions, then one more wait: 165.06 s in all.
+    assert sent_at == [4.0, 11.2, 24.16, 47.488, 89.4784]
+    assert round(now, 3) == 165.061
     assert i.state is State.FAILED and i.get_timer() is None
+    assert isinstance(events(i)[-1], IkeSaFailed)
+
+
+def test_retransmission_is_configurable() -> None:
+    i, _ = pair({"retransmit_timeout": 1.0, "retransmit_base": 2.0, "retransmit_tries": 2})
+    i.initiate(0.0)
+    i.datagrams_to_send(0.0)
+    times = []
+    while (t := i.get_timer()) is not None:
+        i.handle_timer(t)
+        times.append(t)
+    assert times == [1.0, 3.0, 7.0] and i.state is State.FAILED
 
 
 def test_lost_auth_response_is_resent_from_cache() -> None:
@@ -195,8 +163,8 @@ def test_lost_auth_response_is_resent_from_cache() -> None:
     r.receive_datagram(auth_req, I_ADDR, 0.0)
     lost = r.datagrams_to_send(0.0)
     assert r.state is State.ESTABLISHED
-    i.handle_timer(2.0)
-    again = i.datagrams_to_send(2.0)
+    i.handle_timer(4.0)
+    again = i.datagrams_to_send(4.0)
     assert again[0][0] == auth_req
     r.receive_datagram(again[0][0], I_ADDR, 2.0)
     cached = r.datagrams_to_send(2.0)
@@ -227,6 +195,7 @@ def test_nat_detected_when_addresses_differ() -> None:
     i.initiate(0.0)
     pump(i, r)
     ie, re_ = events(i), events(r)
+    assert isinstance(ie[0], IkeSaEstablished) and isinstance(re_[0], IkeSaEstablished)
     assert ie[0].local_behind_nat and not ie[0].remote_behind_nat
     assert re_[0].remote_behind_nat and not re_[0].local_behind_nat
 
