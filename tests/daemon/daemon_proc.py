@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -100,6 +101,16 @@ class RunningDaemon:
         return self.proc.returncode
 
 
+def _listening(path: Path) -> bool:
+    """The file appears at bind(), before listen(): only a connect says the daemon is ready."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 StartDaemon = Callable[..., RunningDaemon]  # the ``start`` fixture
 
 
@@ -116,7 +127,7 @@ def start_daemon(run_dir: Path, log_path: Path, *extra: str,
         log.close()
     daemon = RunningDaemon(run_dir, proc, log_path)
     deadline = time.monotonic() + START_TIMEOUT
-    while not daemon.socket_path.exists():
+    while not _listening(daemon.socket_path):
         if proc.poll() is not None:
             raise AssertionError(f"daemon exited {proc.returncode}:\n{daemon.log()}")
         if time.monotonic() > deadline:
