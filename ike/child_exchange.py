@@ -143,14 +143,14 @@ class ChildExchanges(Informational):
                            list(remote_ts or self.config.remote_ts),
                            self.config.transport_mode if transport_mode is None
                            else transport_mode, None, self._pfs_group())
-        self._enqueue("create-child", lambda t: self._start_child(ctx, t), now)
+        self._enqueue(("create-child", ctx), now)
 
     def rekey_child(self, inbound_spi: bytes, now: float) -> None:
         """Queue a rekey of the Child SA pair with this inbound SPI."""
         self._require_established()
         if inbound_spi not in self._children:
             raise ValueError(f"no Child SA with inbound SPI {inbound_spi.hex()}")
-        self._enqueue("rekey-child", lambda t: self._start_child_rekey(inbound_spi, t), now)
+        self._enqueue(("rekey-child", inbound_spi), now)
 
     def _require_established(self) -> None:
         if self.state is not State.ESTABLISHED:
@@ -256,9 +256,7 @@ class ChildExchanges(Informational):
                 return
             old.state = ChildState.INSTALLED
             if code == NotifyType.TEMPORARY_FAILURE:
-                spi = old.inbound_spi
-                self._retries.append((now + self.config.temporary_failure_retry, "rekey-child",
-                                      lambda t: self._start_child_rekey(spi, t)))
+                self._retry_later(("rekey-child", old.inbound_spi), now)
                 return
             if code == NotifyType.CHILD_SA_NOT_FOUND:
                 del self._children[old.inbound_spi]
@@ -350,7 +348,7 @@ class ChildExchanges(Informational):
         """Queue a rekey of this IKE SA; IkeSaRekeyed announces the new one."""
         self._require_established()
         if not self._queued("rekey-ike"):
-            self._enqueue("rekey-ike", self._start_ike_rekey, now)
+            self._enqueue(("rekey-ike", None), now)
 
     def _start_ike_rekey(self, now: float, ctx: IkeRekeyRequest | None = None) -> None:
         if self.state is not State.ESTABLISHED:
@@ -387,8 +385,7 @@ class ChildExchanges(Informational):
                 self._peer_ike_rekey = None
                 self._switch_to(theirs, None, now, delete_old=False)
             elif fail.notify == NotifyType.TEMPORARY_FAILURE:
-                self._retries.append((now + self.config.temporary_failure_retry, "rekey-ike",
-                                      self._start_ike_rekey))
+                self._retry_later(("rekey-ike", None), now)
             else:
                 self._emit(IkeRekeyFailed(str(fail), fail.notify))
             return
@@ -453,9 +450,8 @@ class ChildExchanges(Informational):
         winner._children, self._children = self._children, {}
         self._emit(IkeSaRekeyed(winner, redundant))
         self.state = State.REKEYED
-        self._queue.clear()
-        self._retries.clear()
+        self._hand_over_tasks(winner, now)
         if delete_old:
-            self._enqueue("delete-ike", lambda t: self._start_delete_ike(t, rekeyed=True), now)
+            self._enqueue(("delete-ike", True), now)
         else:
             self._delete_deadline = now + self.config.give_up_after()

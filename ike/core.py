@@ -78,6 +78,9 @@ class ChildSa:
 
 
 ResponseHandler = Callable[[Message, list[Payload], float], None]
+Task = tuple[str, object]  # a request waiting for the window: (kind, argument)
+# Tasks that concern Child SAs follow them to the new IKE SA after an IKE SA rekey.
+MOVABLE_TASKS = frozenset({"create-child", "rekey-child", "delete-child", "delete-spis"})
 
 
 @dataclass(slots=True)
@@ -139,8 +142,8 @@ class IkeSaCore:
         self._next_id = 0  # our next request's message ID
         self._peer_next_id = 0  # the message ID we expect on the peer's next request
         self._cached: CachedResponse | None = None
-        self._queue: deque[tuple[str, Callable[[float], None]]] = deque()
-        self._retries: list[tuple[float, str, Callable[[float], None]]] = []
+        self._queue: deque[Task] = deque()
+        self._retries: list[tuple[float, Task]] = []
         self._delete_deadline: float | None = None  # REKEYED / redundant: end ourselves then
         self._suite: TransformSet | None = None
         self._prf: Prf | None = None
@@ -254,14 +257,13 @@ class IkeSaCore:
         self._cached = CachedResponse(msg.message_id, hashlib.sha256(msg.raw).digest(), data)
         self._outbox.append((data, addr))
 
-    def _enqueue(self, kind: str, start: Callable[[float], None], now: float,
-                 front: bool = False) -> None:
+    def _enqueue(self, task: Task, now: float, front: bool = False) -> None:
         if len(self._queue) >= self.config.max_queued_exchanges:
             raise RuntimeError(f"{self!r}: {len(self._queue)} requests already queued")
         if front:
-            self._queue.appendleft((kind, start))
+            self._queue.appendleft(task)
         else:
-            self._queue.append((kind, start))
+            self._queue.append(task)
         self._kick(now)
 
     def _kick(self, now: float) -> None:
@@ -269,12 +271,28 @@ class IkeSaCore:
         for _ in range(len(self._queue)):
             if self._pending is not None or not self._queue or self.state in TERMINAL:
                 return
-            _, start = self._queue.popleft()
-            start(now)
+            kind, arg = self._queue.popleft()
+            self._start(kind, arg, now)
 
-    def _queued(self, kind: str) -> bool:
-        return any(k == kind for k, _ in self._queue) or \
-            (self._pending is not None and self._pending.kind == kind)
+    def _queued(self, kind: str, arg: object = None) -> bool:
+        if any(k == kind and (arg is None or a == arg) for k, a in self._queue):
+            return True
+        return arg is None and self._pending is not None and self._pending.kind == kind
+
+    def _retry_later(self, task: Task, now: float) -> None:
+        self._retries.append((now + self.config.temporary_failure_retry, task))
+
+    def _hand_over_tasks(self, to: IkeSaCore, now: float) -> None:
+        """After an IKE SA rekey, Child SA requests continue on the new IKE SA."""
+        to._queue.extend(t for t in self._queue if t[0] in MOVABLE_TASKS)
+        to._retries += [r for r in self._retries if r[1][0] in MOVABLE_TASKS]
+        self._queue.clear()
+        self._retries.clear()
+        to._kick(now)
+
+    def _start(self, kind: str, arg: object, now: float) -> None:
+        """Hook: send the request of a queued task, or skip it if it no longer applies."""
+        raise NotImplementedError
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -320,7 +338,7 @@ class IkeSaCore:
         if self._pending is not None:
             times.append(self._pending.sent_at
                          + self.config.retransmit_wait(self._pending.retransmits))
-        times += [at for at, _, _ in self._retries]
+        times += [at for at, _ in self._retries]
         times += [c.delete_deadline for c in self._children.values()
                   if c.delete_deadline is not None]
         if self._delete_deadline is not None:
@@ -346,8 +364,8 @@ class IkeSaCore:
                 self._outbox.append((req.data, self.remote_addr))
         due = [r for r in self._retries if r[0] <= now]
         self._retries = [r for r in self._retries if r[0] > now]
-        for _, kind, start in due:
-            self._enqueue(kind, start, now)
+        for _, task in due:
+            self._enqueue(task, now)
         for child in list(self._children.values()):
             if child.delete_deadline is not None and now >= child.delete_deadline:
                 child.delete_deadline = None

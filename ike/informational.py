@@ -34,7 +34,7 @@ class Informational(IkeSaCore):
             return
         self._queue.clear()
         self._retries.clear()
-        self._enqueue("delete-ike", self._start_delete_ike, now, front=True)
+        self._enqueue(("delete-ike", False), now, front=True)
 
     def check_liveness(self, now: float) -> None:
         """Send an empty INFORMATIONAL unless a request is already in flight (which tests the
@@ -48,10 +48,9 @@ class Informational(IkeSaCore):
     def _queue_delete_child(self, inbound_spi: bytes, now: float) -> None:
         child = self._children.get(inbound_spi)
         if child is None or child.state is ChildState.DELETING or \
-                self._queued(f"delete-child {inbound_spi.hex()}"):
+                self._queued("delete-child", inbound_spi):
             return
-        self._enqueue(f"delete-child {inbound_spi.hex()}",
-                      lambda t: self._start_delete_child(inbound_spi, t), now)
+        self._enqueue(("delete-child", inbound_spi), now)
 
     def _start_delete_child(self, spi: bytes, now: float) -> None:
         child = self._children.get(spi)
@@ -65,13 +64,12 @@ class Informational(IkeSaCore):
 
     def _queue_delete_spis(self, inbound_spis: list[bytes], now: float) -> None:
         """Delete SAs the peer installed but we refused (no local state to clean)."""
-        spis = list(inbound_spis)
+        self._enqueue(("delete-spis", list(inbound_spis)), now)
 
-        def start(t: float) -> None:
-            if self.state is State.ESTABLISHED:
-                self._request(ExchangeType.INFORMATIONAL, [DeletePayload(ProtocolId.ESP, spis)],
-                              t, "delete-child", lambda msg, inner, t2: None)
-        self._enqueue("delete-spis", start, now)
+    def _start_delete_spis(self, spis: list[bytes], now: float) -> None:
+        if self.state is State.ESTABLISHED:
+            self._request(ExchangeType.INFORMATIONAL, [DeletePayload(ProtocolId.ESP, spis)],
+                          now, "delete-child", lambda msg, inner, t: None)
 
     def _child_gone(self, spi: bytes, reason: str) -> None:
         child = self._children.pop(spi, None)

@@ -20,7 +20,7 @@ import os
 import struct
 from collections.abc import Callable
 
-from ike.child_exchange import NONCE_BYTES, ChildExchanges
+from ike.child_exchange import NONCE_BYTES, ChildExchanges, ChildRequest
 from ike.config import IkeConfig
 from ike.constants import (
     AuthMethod,
@@ -224,6 +224,22 @@ class IkeSa(ChildExchanges):
         reply = Message(ExchangeType.IKE_SA_INIT, 0, header.spi_i, bytes(8), HeaderFlag.RESPONSE,
                         [NotifyPayload(exc.notify, exc.notify_data)])
         self._outbox.append((encode_message(reply), addr))
+
+    def _start(self, kind: str, arg: object, now: float) -> None:
+        if kind == "create-child" and isinstance(arg, ChildRequest):
+            self._start_child(arg, now)
+        elif kind == "rekey-child" and isinstance(arg, bytes):
+            self._start_child_rekey(arg, now)
+        elif kind == "rekey-ike":
+            self._start_ike_rekey(now)
+        elif kind == "delete-child" and isinstance(arg, bytes):
+            self._start_delete_child(arg, now)
+        elif kind == "delete-spis" and isinstance(arg, list):
+            self._start_delete_spis(arg, now)
+        elif kind == "delete-ike":
+            self._start_delete_ike(now, rekeyed=bool(arg))
+        else:
+            raise AssertionError(f"unknown task {kind}")
 
     # -- helpers shared by both roles --------------------------------------------------------
 

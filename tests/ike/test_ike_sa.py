@@ -8,6 +8,7 @@ from ike.proposals import parse_proposals
 from ike.sa import ChildSaEstablished, IkeSa, IkeSaEstablished, IkeSaFailed, State
 from tests.ike.harness import I_ADDR, R_ADDR, config, events, pair, pump, ts
 
+
 def test_psk_handshake_establishes_ike_and_child_sa() -> None:
     i, r = pair()
     i.initiate(0.0)
