@@ -89,6 +89,32 @@ def demo(pings: int) -> None:
     click.echo("demo: success")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def stats(obj: Context, as_json: bool) -> None:
+    """Global counters of the datapath and the PF_KEY socket."""
+    from ..control import ControlError, request
+
+    try:
+        result = request(obj.run_dir.control_socket, "stats")
+    except (FileNotFoundError, ConnectionRefusedError):
+        fail(f"no uipsec daemon is listening on {obj.run_dir.control_socket}")
+    except ControlError as exc:
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
+        return
+    for section, counters in sorted(result.items()):
+        click.echo(f"{section}:")
+        if not isinstance(counters, dict):
+            click.echo(f"  {counters}")
+            continue
+        width = max((len(k) for k in counters), default=0)
+        for key, value in sorted(counters.items()):
+            click.echo(f"  {key.ljust(width)}  {value}")
+
+
 # -- sa / spd ----------------------------------------------------------------------------------
 
 
