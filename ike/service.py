@@ -1,0 +1,1015 @@
+"""The IKE daemon: a thin asyncio adapter around the sans-IO `IkeSa` objects.
+
+`IkeService(pfkey_path, config, natt_send=..., natt_register=...)` owns the UDP 500 sockets
+(and UDP 4500 when no datapath lends its socket), one PF_KEY socket, and one `IkeSa` per IKE
+SA. Datagrams are routed by our IKE SPI; a new IKE_SA_INIT request makes a responder for the
+connection that matches its addresses. Events become PF_KEY work (`ike.keying`), run one at a
+time in order; kernel EXPIREs become rekeys (soft) and deletes (hard), ACQUIREs on `trap`
+policies start negotiations. Every log line names the IKE SA as name[uniqueid] with its SPIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import ipaddress
+import logging
+import random
+import socket
+import struct
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ike.config import IkeConfig
+from ike.connections import (
+    ChildConfig,
+    ConnectionConfig,
+    Connections,
+    address_identity,
+    format_identity,
+    from_config,
+)
+from ike.constants import ExchangeType, HeaderFlag
+from ike.core import TERMINAL, ChildState, State
+from ike.events import (
+    ChildSaDeleted,
+    ChildSaEstablished,
+    ChildSaFailed,
+    Event,
+    IkeRekeyFailed,
+    IkeSaDeleted,
+    IkeSaEstablished,
+    IkeSaFailed,
+    IkeSaRekeyed,
+    InitialContact,
+    LivenessFailed,
+    PeerNotify,
+)
+from ike.keying import Keying, KeyingError, PolicySet, SaParams, policy_selectors
+from ike.payloads import TrafficSelector
+from ike.pfkey_async import AsyncPfkey
+from ike.sa import IkeSa
+from ike.transforms import TransformSet
+from userspace_ipsec.config import Config
+from userspace_ipsec.pfkey.constants import ExtType, IpsecMode, MsgType
+from userspace_ipsec.pfkey.messages import LifetimeExt, Message
+
+log = logging.getLogger("ike")
+
+Address = tuple[str, int]
+NattSend = Callable[[bytes, Address], Any]
+NattHandler = Callable[[bytes, Any, Any], None]
+NattRegister = Callable[[NattHandler | None], None]
+
+NON_ESP_MARKER = b"\x00\x00\x00\x00"
+IKE_HEADER = 28
+MAX_DATAGRAM = 65535
+MAX_IKE_SAS = 10_000  # half-open and established: a bound against floods
+MAX_HALF_OPEN = 1_000
+STOP_GRACE = 2.0  # seconds to let deletes reach the peers on stop
+IP_PKTINFO = 8  # Linux <netinet/in.h>; not exported by Python's socket module
+_IN_PKTINFO = struct.Struct("=i4s4s")
+_IN6_PKTINFO = struct.Struct("=16si")
+
+
+def _spi(spi: bytes) -> str:
+    return spi.hex()
+
+
+def _our_spi(sa: IkeSa) -> bytes:
+    return sa.spi_i if sa.initiator else sa.spi_r
+
+
+def _suite_name(ts: TransformSet | None) -> str:
+    if ts is None:
+        return "-"
+    from ike.constants import DhId, EncrId, IntegId, PrfId  # names only
+    parts = [f"{EncrId(ts.encr).name}_{ts.encr_key_bits}"]
+    if ts.integ:
+        parts.append(IntegId(ts.integ).name)
+    if ts.prf is not None:
+        parts.append(PrfId(ts.prf).name)
+    if ts.dh:
+        parts.append(DhId(ts.dh).name)
+    if ts.esn:
+        parts.append("ESN")
+    return "/".join(parts)
+
+
+def _ts_text(ts: list[TrafficSelector]) -> str:
+    out = []
+    for t in ts:
+        nets = list(ipaddress.summarize_address_range(t.start_addr, t.end_addr))
+        text = ",".join(str(n) for n in nets) if len(nets) <= 2 else \
+            f"{t.start_addr}-{t.end_addr}"
+        if t.ip_protocol or t.start_port or t.end_port != 65535:
+            ports = "" if (t.start_port, t.end_port) == (0, 65535) else (
+                f"/{t.start_port}" if t.start_port == t.end_port
+                else f"/{t.start_port}-{t.end_port}")
+            text += f"[{t.ip_protocol}{ports}]"
+        out.append(text)
+    return " ".join(out)
+
+
+def _within(narrowed: list[TrafficSelector], configured: list[TrafficSelector]) -> bool:
+    """Each narrowed selector lies inside one configured selector."""
+    for n in narrowed:
+        if not any(n.start_addr.version == c.start_addr.version
+                   and int(c.start_addr) <= int(n.start_addr)
+                   and int(n.end_addr) <= int(c.end_addr)
+                   and (c.ip_protocol in (0, n.ip_protocol))
+                   and c.start_port <= n.start_port and n.end_port <= c.end_port
+                   for c in configured):
+            return False
+    return bool(narrowed)
+
+
+@dataclass(slots=True)
+class ChildRecord:
+    """An installed Child SA pair and where it came from."""
+
+    child: ChildConfig
+    inbound_spi: bytes
+    outbound_spi: bytes
+    transforms: TransformSet
+    local_ts: list[TrafficSelector]
+    remote_ts: list[TrafficSelector]
+    mode: IpsecMode
+    reqid: int
+    policy_key: tuple[Any, ...]
+    params: SaParams
+    installed_at: float
+    rekey_at: float  # wall clock of the soft expiry
+
+
+@dataclass(slots=True)
+class IkeRecord:
+    """One IKE SA as the daemon tracks it, across IKE SA rekeys (`sa` is the current one)."""
+
+    uid: int
+    conn: ConnectionConfig
+    sa: IkeSa
+    local_ip: str
+    natt: bool = False  # IKE moved to the NAT-T port
+    established_at: float | None = None
+    rekey_at: float | None = None  # loop time of the next IKE SA rekey
+    dpd_at: float | None = None
+    children: dict[bytes, ChildRecord] = field(default_factory=dict)  # by inbound SPI
+    larval: set[bytes] = field(default_factory=set)  # inbound SPIs from GETSPI
+    pending: list[ChildConfig] = field(default_factory=list)  # create once established
+    liveness_failed: bool = False
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    timer: asyncio.TimerHandle | None = None
+
+    @property
+    def name(self) -> str:
+        sa = self.sa
+        return f"{self.conn.name}[{self.uid}] {_spi(sa.spi_i)}_i {_spi(sa.spi_r)}_r"
+
+
+class IkeServiceError(Exception):
+    """A request the service cannot do; the message is for the user."""
+
+
+class IkeService:
+    def __init__(self, pfkey_path: Any, config: Config, *,
+                 natt_send: NattSend | None = None,
+                 natt_register: NattRegister | None = None,
+                 connections: Connections | None = None) -> None:
+        """`natt_send(message, peer)` sends IKE on the datapath's UDP 4500 socket (it adds the
+        non-ESP marker); `natt_register(handler)` gives the datapath our
+        `handle_natt(message, peer, local)`. Without them we bind UDP 4500 ourselves."""
+        self.config = config
+        self.connections = connections or from_config(config)
+        self.pfkey = AsyncPfkey(pfkey_path, self._on_pfkey)
+        self.keying = Keying(self.pfkey)
+        self._natt_send = natt_send
+        self._natt_register = natt_register
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._socks: list[socket.socket] = []
+        self._ike_socks: dict[int, socket.socket] = {}  # family -> UDP 500
+        self._natt_socks: dict[int, socket.socket] = {}  # family -> own UDP 4500
+        self._routes: dict[bytes, tuple[IkeSa, IkeRecord]] = {}
+        self._half_open: dict[tuple[bytes, Address], tuple[IkeSa, IkeRecord]] = {}
+        self._records: dict[int, IkeRecord] = {}
+        self._uids = 0
+        self._reqids: dict[tuple[str, str], int] = {}
+        self._policies: dict[tuple[Any, ...], PolicySet] = {}
+        self._traps: dict[tuple[str, str], tuple[Any, ...]] = {}  # (conn, child) -> policy key
+        self._jobs: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
+        self._worker: asyncio.Task[None] | None = None
+        self._tick: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Future[None]] = set()
+        self.counters = {"datagrams_in": 0, "datagrams_out": 0, "dropped": 0,
+                         "acquires": 0, "expires": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self.pfkey.open()
+        await self.keying.register()
+        settings = self.connections.settings
+        try:
+            for addr in settings.listen:
+                self._bind(addr, settings.port, natt=False)
+                if self._natt_send is None:
+                    self._bind(addr, settings.natt_port, natt=True)
+        except OSError:
+            self._close_sockets()
+            self.pfkey.close()
+            raise
+        if self._natt_register is not None:
+            self._natt_register(self.handle_natt)
+        self._worker = asyncio.create_task(self._work())
+        self._tick = asyncio.create_task(self._ticker())
+        log.info("ike: listening on %s port %d%s", ", ".join(settings.listen), settings.port,
+                 "" if self._natt_send else f" and {settings.natt_port}")
+        await self._apply_start_actions(list(self.connections.connections.values()))
+
+    async def close(self) -> None:
+        """Delete every IKE SA (telling the peers), then everything installed in the kernel."""
+        for rec in list(self._records.values()):
+            self._down(rec)
+        deadline = time.monotonic() + STOP_GRACE
+        while self._records and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for rec in list(self._records.values()):
+            self._forget(rec, "daemon stopping")
+        await self._jobs.join() if self._worker else None
+        for key in list(self._policies):
+            policy_set = self._policies.pop(key)
+            await self._safely(self.keying.delete_policies(policy_set.ids))
+        self._traps.clear()
+        if self._natt_register is not None:
+            self._natt_register(None)
+        for task in (self._worker, self._tick):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._close_sockets()
+        self.pfkey.close()
+        log.info("ike: stopped")
+
+    def _close_sockets(self) -> None:
+        loop = self._loop
+        for sock in self._socks:
+            if loop is not None:
+                loop.remove_reader(sock.fileno())
+            sock.close()
+        self._socks.clear()
+        self._ike_socks.clear()
+        self._natt_socks.clear()
+
+    def _bind(self, addr: str, port: int, natt: bool) -> None:
+        family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        try:
+            sock.bind((addr, port))
+        except OSError:
+            sock.close()
+            raise
+        self._socks.append(sock)
+        (self._natt_socks if natt else self._ike_socks).setdefault(family, sock)
+        assert self._loop is not None
+        self._loop.add_reader(sock.fileno(), self._readable, sock, natt)
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _readable(self, sock: socket.socket, natt: bool) -> None:
+        for _ in range(256):
+            try:
+                data, anc, _flags, src = sock.recvmsg(MAX_DATAGRAM, 256)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                log.debug("ike: recvmsg: %s", exc)
+                return
+            local = _pktinfo_dst(anc) or sock.getsockname()[0]
+            if natt:
+                if data[:4] != NON_ESP_MARKER:
+                    self.counters["dropped"] += 1  # ESP or keepalive: no datapath here
+                    continue
+                data = data[4:]
+            self.receive(data, (src[0], src[1]), (local, sock.getsockname()[1]), natt)
+
+    def handle_natt(self, message: bytes, peer: Any, local: Any) -> None:
+        """IKE from the datapath's UDP 4500 socket (marker already stripped)."""
+        self.receive(bytes(message), (str(peer[0]), int(peer[1])),
+                     (str(local[0]), int(local[1])), True)
+
+    def receive(self, data: bytes, src: Address, local: Address, natt: bool) -> None:
+        """One IKE datagram from `src` to our `local` address."""
+        self.counters["datagrams_in"] += 1
+        if len(data) < IKE_HEADER:
+            self.counters["dropped"] += 1
+            return
+        spi_i, spi_r = data[0:8], data[8:16]
+        exchange, flags = data[18], data[19]
+        from_initiator = bool(flags & HeaderFlag.INITIATOR)
+        if from_initiator and spi_r == bytes(8):
+            if exchange != ExchangeType.IKE_SA_INIT or flags & HeaderFlag.RESPONSE:
+                self.counters["dropped"] += 1
+                return
+            entry = self._half_open.get((spi_i, src)) or self._new_responder(spi_i, src, local)
+        else:
+            entry = self._routes.get(spi_r if from_initiator else spi_i)
+        if entry is None:
+            self.counters["dropped"] += 1
+            return
+        sa, rec = entry
+        now = self._now()
+        drops = sa.drops
+        moved = src != sa.remote_addr and sa.state not in (State.IDLE,)
+        sa.receive_datagram(data, src, now)
+        if natt and not rec.natt and sa.drops == drops:
+            rec.natt = True  # the peer floated to 4500 (RFC 7296 2.23)
+        if moved and sa.drops == drops and sa.state not in TERMINAL:
+            self._peer_moved(rec, sa, src)
+        if sa.state is State.IDLE and not sa.initiator:
+            self._half_open.pop((spi_i, src), None)  # answered statelessly (cookie, INVALID_KE)
+            self._drop_record(rec)
+            return
+        if not sa.initiator and sa.spi_r != bytes(8) and sa.spi_r not in self._routes:
+            self._half_open.pop((spi_i, src), None)
+            self._routes[sa.spi_r] = (sa, rec)
+        self._pump(sa, rec)
+
+    def _peer_moved(self, rec: IkeRecord, sa: IkeSa, src: Address) -> None:
+        """A verified message from a new address: the NAT mapping changed (RFC 7296 2.23)."""
+        old = sa.remote_addr
+        sa.remote_addr = src
+        log.info("ike: %s peer moved from %s:%d to %s:%d", rec.name, old[0], old[1], *src)
+        for child in rec.children.values():
+            if child.params.remote_port != src[1] or str(child.params.remote) != src[0]:
+                self._enqueue(functools.partial(self._migrate, rec, child, src))
+
+    async def _migrate(self, rec: IkeRecord, child: ChildRecord, src: Address) -> None:
+        """Re-add the pair with the peer's new address/port (PF_KEY cannot change a mature SA)."""
+        ok = await self.keying.move_peer(child.inbound_spi, child.outbound_spi, child.params,
+                                         ipaddress.ip_address(src[0]), src[1])
+        if ok:
+            log.info("ike: %s %s: SAs %s/%s follow the peer to %s:%d", rec.name,
+                     child.child.name, _spi(child.inbound_spi), _spi(child.outbound_spi), *src)
+
+    def _new_responder(self, spi_i: bytes, src: Address,
+                       local: Address) -> tuple[IkeSa, IkeRecord] | None:
+        if len(self._half_open) >= MAX_HALF_OPEN or len(self._records) >= MAX_IKE_SAS:
+            return None
+        conn = self._match_connection(local[0], src[0])
+        if conn is None:
+            log.info("ike: IKE_SA_INIT from %s:%d to %s: no connection matches", *src, local[0])
+            return None
+        config = self._ike_config(conn, list(conn.children.values()), local[0], src[0],
+                                  responder=True)
+        sa = IkeSa(config, initiator=False, local_addr=local, remote_addr=src,
+                   child_spi=_random_spi(), spi_allocator=_random_spi)
+        rec = self._new_record(conn, sa, local[0])
+        self._half_open[(spi_i, src)] = (sa, rec)
+        return sa, rec
+
+    def _match_connection(self, local: str, remote: str) -> ConnectionConfig | None:
+        for conn in self.connections.connections.values():
+            if conn.matches_local(local) and conn.matches_remote(remote):
+                return conn
+        return None
+
+    # -- sending and timers ------------------------------------------------------------------
+
+    def _pump(self, sa: IkeSa, rec: IkeRecord) -> None:
+        """After any input: send what the SA wants sent, handle its events, re-arm timers."""
+        now = self._now()
+        self._float_if_needed(sa, rec)
+        for data, addr in sa.datagrams_to_send(now):
+            self._send(rec, data, addr)
+        for _ in range(10_000):
+            event = sa.next_event()
+            if event is None:
+                break
+            self._on_event(sa, rec, event)
+        self._arm(rec)
+
+    def _float_if_needed(self, sa: IkeSa, rec: IkeRecord) -> None:
+        """Initiator: after IKE_SA_INIT, move to port 4500 if a NAT is seen or encap forced."""
+        if rec.natt or not sa.initiator or sa.state is State.IDLE or \
+                sa.state is State.INIT_SENT:
+            return
+        if sa.local_behind_nat or sa.remote_behind_nat or rec.conn.encap:
+            rec.natt = True
+            natt_port = self.connections.settings.natt_port
+            sa.remote_addr = (sa.remote_addr[0], natt_port if sa.remote_addr[1] == 500
+                              else sa.remote_addr[1])
+            log.info("ike: %s NAT %s, switching to port %d", rec.name,
+                     "detected" if sa.local_behind_nat or sa.remote_behind_nat else "forced",
+                     sa.remote_addr[1])
+
+    def _send(self, rec: IkeRecord, data: bytes, addr: Address) -> None:
+        self.counters["datagrams_out"] += 1
+        if rec.natt:
+            addr = rec.sa.remote_addr if addr[0] == rec.sa.remote_addr[0] else addr
+            if self._natt_send is not None:
+                self._natt_send(data, addr)
+                return
+            self._sendto(self._natt_socks, NON_ESP_MARKER + data, addr, rec.local_ip)
+            return
+        self._sendto(self._ike_socks, data, addr, rec.local_ip)
+
+    def _sendto(self, socks: dict[int, socket.socket], data: bytes, addr: Address,
+                source: str) -> None:
+        family = socket.AF_INET6 if ":" in addr[0] else socket.AF_INET
+        sock = socks.get(family)
+        if sock is None:
+            log.warning("ike: no socket for %s", addr[0])
+            return
+        anc = []
+        if sock.getsockname()[0] in ("0.0.0.0", "::") and source:
+            try:
+                packed = ipaddress.ip_address(source).packed
+                if family == socket.AF_INET:
+                    anc = [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, packed, bytes(4)))]
+                else:
+                    anc = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO,
+                            _IN6_PKTINFO.pack(packed, 0))]
+            except ValueError:
+                anc = []
+        try:
+            sock.sendmsg([data], anc, 0, addr)
+        except OSError as exc:
+            log.warning("ike: send to %s:%d failed: %s", addr[0], addr[1], exc)
+
+    def _arm(self, rec: IkeRecord) -> None:
+        if rec.timer is not None:
+            rec.timer.cancel()
+            rec.timer = None
+        times = [t for t in (rec.sa.get_timer(), rec.dpd_at, rec.rekey_at) if t is not None]
+        times += [t for old in self._old_sas(rec) if (t := old.get_timer()) is not None]
+        if times and self._loop is not None:
+            rec.timer = self._loop.call_at(min(times), self._on_timer, rec)
+
+    def _old_sas(self, rec: IkeRecord) -> list[IkeSa]:
+        return [sa for sa, r in self._routes.values() if r is rec and sa is not rec.sa]
+
+    def _on_timer(self, rec: IkeRecord) -> None:
+        rec.timer = None
+        now = self._now()
+        sa = rec.sa
+        for old in self._old_sas(rec):
+            old.handle_timer(now)
+            self._pump(old, rec)
+        if sa.state is State.ESTABLISHED:
+            if rec.dpd_at is not None and now >= rec.dpd_at:
+                rec.dpd_at = now + rec.conn.dpd_delay
+                sa.check_liveness(now)
+            if rec.rekey_at is not None and now >= rec.rekey_at:
+                rec.rekey_at = None
+                log.info("ike: %s rekeying the IKE SA", rec.name)
+                sa.rekey_ike(now)
+        sa.handle_timer(now)
+        self._pump(sa, rec)
+
+    def _now(self) -> float:
+        return self._loop.time() if self._loop is not None else time.monotonic()
+
+    async def _ticker(self) -> None:
+        """Timers are armed per IKE SA; this only backs them up against a lost wake-up."""
+        while True:
+            await asyncio.sleep(5.0)
+            for rec in list(self._records.values()):
+                if rec.timer is None:
+                    self._arm(rec)
+
+    # -- records -----------------------------------------------------------------------------
+
+    def _new_record(self, conn: ConnectionConfig, sa: IkeSa, local_ip: str) -> IkeRecord:
+        self._uids += 1
+        rec = IkeRecord(self._uids, conn, sa, local_ip)
+        self._records[rec.uid] = rec
+        return rec
+
+    def _drop_record(self, rec: IkeRecord) -> None:
+        self._records.pop(rec.uid, None)
+        for spi in [s for s, (_, r) in self._routes.items() if r is rec]:
+            del self._routes[spi]
+        for key in [k for k, (_, r) in self._half_open.items() if r is rec]:
+            del self._half_open[key]
+        if rec.timer is not None:
+            rec.timer.cancel()
+            rec.timer = None
+        rec.gone.set()
+
+    def _forget(self, rec: IkeRecord, reason: str) -> None:
+        """Drop an IKE SA without the peer's word: uninstall its Child SAs."""
+        for child in list(rec.children.values()):
+            self._child_gone(rec, child.inbound_spi, child.outbound_spi, reason)
+        self._drop_record(rec)
+
+    def _reqid(self, conn: str, child: str) -> int:
+        reqid = self._reqids.get((conn, child))
+        if reqid is None:
+            reqid = len(self._reqids) + 1
+            self._reqids[(conn, child)] = reqid
+        return reqid
+
+    def _ike_config(self, conn: ConnectionConfig, children: list[ChildConfig], local: str,
+                    remote: str, responder: bool = False) -> IkeConfig:
+        first = children[0]
+        if responder:
+            # The responder narrows against all its children (then maps the result back).
+            local_ts = [ts for c in children for ts in c.selectors(True, local)]
+            remote_ts = [ts for c in children for ts in c.selectors(False, remote)]
+        else:
+            local_ts, remote_ts = first.selectors(True, local), first.selectors(False, remote)
+        return IkeConfig(local_id=conn.local_id or address_identity(local), psk=conn.psk,
+                         ike_proposals=list(conn.proposals),
+                         esp_proposals=list(first.esp_proposals), local_ts=local_ts,
+                         remote_ts=remote_ts, remote_id=conn.remote_id,
+                         transport_mode=first.mode == "transport")
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _on_event(self, sa: IkeSa, rec: IkeRecord, event: Event) -> None:
+        if isinstance(event, IkeSaEstablished):
+            self._on_established(sa, rec, event)
+        elif isinstance(event, ChildSaEstablished):
+            self._enqueue(lambda: self._install(sa, rec, event))
+        elif isinstance(event, ChildSaDeleted):
+            self._child_gone(rec, event.inbound_spi, event.outbound_spi, event.reason)
+        elif isinstance(event, ChildSaFailed):
+            log.warning("ike: %s Child SA %s: %s", rec.name,
+                        "rekey failed" if event.rekey_of else "not created", event.reason)
+        elif isinstance(event, IkeSaRekeyed):
+            self._on_ike_rekeyed(sa, rec, event)
+        elif isinstance(event, IkeRekeyFailed):
+            log.warning("ike: %s IKE SA rekey failed: %s", rec.name, event.reason)
+            rec.rekey_at = self._now() + 60.0
+        elif isinstance(event, LivenessFailed):
+            rec.liveness_failed = True
+            log.warning("ike: %s peer not responding (DPD)", rec.name)
+        elif isinstance(event, InitialContact):
+            self._initial_contact(rec, event)
+        elif isinstance(event, PeerNotify):
+            log.info("ike: %s peer notify %d (protocol %d, SPI %s)", rec.name,
+                     event.notify_type, event.protocol, _spi(event.spi))
+        elif isinstance(event, (IkeSaDeleted, IkeSaFailed)):
+            self._on_ike_end(sa, rec, event)
+
+    def _on_established(self, sa: IkeSa, rec: IkeRecord, ev: IkeSaEstablished) -> None:
+        now = self._now()
+        rec.established_at = time.time()
+        conn = rec.conn
+        if conn.dpd_delay:
+            rec.dpd_at = now + conn.dpd_delay
+        if conn.rekey_time:
+            rec.rekey_at = now + conn.rekey_time - random.uniform(0, conn.jitter)
+        nat = ("local behind NAT" if ev.local_behind_nat else "") + \
+            (" remote behind NAT" if ev.remote_behind_nat else "")
+        log.info("ike: %s established with %s (%s:%d), %s%s", rec.name,
+                 format_identity(ev.remote_id), *sa.remote_addr, _suite_name(ev.transforms),
+                 f", {nat.strip()}" if nat else "")
+        for child in rec.pending:
+            self._create_child(rec, child)
+        rec.pending.clear()
+
+    def _create_child(self, rec: IkeRecord, child: ChildConfig) -> None:
+        sa = rec.sa
+        try:
+            sa.create_child(self._now(), local_ts=child.selectors(True, rec.local_ip),
+                            remote_ts=child.selectors(False, sa.remote_addr[0]),
+                            transport_mode=child.mode == "transport")
+        except (RuntimeError, ValueError) as exc:
+            log.warning("ike: %s %s: cannot create: %s", rec.name, child.name, exc)
+
+    def _on_ike_rekeyed(self, sa: IkeSa, rec: IkeRecord, ev: IkeSaRekeyed) -> None:
+        old_name = rec.name
+        rec.sa = ev.new_sa
+        self._routes[_our_spi(ev.new_sa)] = (ev.new_sa, rec)
+        if ev.redundant_sa is not None:
+            self._routes[_our_spi(ev.redundant_sa)] = (ev.redundant_sa, rec)
+        if rec.conn.rekey_time:
+            rec.rekey_at = self._now() + rec.conn.rekey_time - random.uniform(0, rec.conn.jitter)
+        log.info("ike: %s rekeyed into %s", old_name, rec.name)
+        self._pump(ev.new_sa, rec)
+        if ev.redundant_sa is not None:
+            self._pump(ev.redundant_sa, rec)
+
+    def _on_ike_end(self, sa: IkeSa, rec: IkeRecord, ev: IkeSaDeleted | IkeSaFailed) -> None:
+        if sa is not rec.sa:  # a superseded or redundant IKE SA: only unroute it
+            self._routes.pop(_our_spi(sa), None)
+            log.info("ike: %s old IKE SA %s_i %s_r gone (%s)", rec.name, _spi(sa.spi_i),
+                     _spi(sa.spi_r), ev.reason)
+            return
+        level = logging.INFO if isinstance(ev, IkeSaDeleted) else logging.WARNING
+        log.log(level, "ike: %s %s: %s", rec.name,
+                "deleted" if isinstance(ev, IkeSaDeleted) else "failed", ev.reason)
+        for child in list(rec.children.values()):
+            self._child_gone(rec, child.inbound_spi, child.outbound_spi, ev.reason)
+        self._drop_record(rec)
+        if rec.liveness_failed:
+            self._after_loss(rec, {c.dpd_action for c in rec.conn.children.values()})
+
+    def _after_loss(self, rec: IkeRecord, actions: set[str]) -> None:
+        """dpd_action / close_action: restart renegotiates, trap waits for traffic."""
+        if "restart" in actions or "start" in actions:
+            log.info("ike: %s restarting", rec.conn.name)
+            self._spawn(self.initiate(rec.conn.name))
+
+    def _initial_contact(self, rec: IkeRecord, ev: InitialContact) -> None:
+        for other in list(self._records.values()):
+            if other is rec or other.conn.name != rec.conn.name or \
+                    other.sa.remote_id != ev.remote_id:
+                continue
+            log.info("ike: %s INITIAL_CONTACT from %s: dropping %s", rec.name,
+                     format_identity(ev.remote_id), other.name)
+            self._forget(other, "replaced (INITIAL_CONTACT)")
+
+    # -- PF_KEY work -------------------------------------------------------------------------
+
+    def _enqueue(self, job: Callable[[], Awaitable[None]]) -> None:
+        self._jobs.put_nowait(job)
+
+    async def _work(self) -> None:
+        while True:
+            job = await self._jobs.get()
+            try:
+                await job()
+            except Exception:
+                log.exception("ike: PF_KEY job failed")
+            finally:
+                self._jobs.task_done()
+
+    @staticmethod
+    async def _safely(coro: Awaitable[Any]) -> None:
+        try:
+            await coro
+        except (KeyingError, OSError) as exc:
+            log.warning("ike: %s", exc)
+
+    def _child_config_for(self, rec: IkeRecord, ev: ChildSaEstablished) -> ChildConfig | None:
+        if ev.rekey_of is not None:
+            old = rec.children.get(ev.rekey_of)
+            if old is not None:
+                return old.child
+        remote_ip = rec.sa.remote_addr[0]
+        for child in rec.conn.children.values():
+            if _within(ev.local_ts, child.selectors(True, rec.local_ip)) and \
+                    _within(ev.remote_ts, child.selectors(False, remote_ip)) and \
+                    (child.mode == "transport") == ev.transport_mode:
+                return child
+        return None
+
+    def _params(self, rec: IkeRecord, child: ChildConfig, mode: IpsecMode) -> SaParams:
+        sa = rec.sa
+        settings = self.connections.settings
+        soft = 0
+        if child.rekey_time:
+            soft = max(1, int(child.rekey_time - random.uniform(0, child.jitter)))
+        return SaParams(
+            ipaddress.ip_address(rec.local_ip), ipaddress.ip_address(sa.remote_addr[0]), mode,
+            self._reqid(rec.conn.name, child.name),
+            settings.natt_port if rec.natt else settings.port,
+            sa.remote_addr[1], rec.natt, child.replay_window, soft, int(child.life_time))
+
+    async def _install(self, sa: IkeSa, rec: IkeRecord, ev: ChildSaEstablished) -> None:
+        child = self._child_config_for(rec, ev)
+        if child is None:
+            log.error("ike: %s Child SA %s/%s matches no child config (%s === %s): deleting",
+                      rec.name, _spi(ev.inbound_spi), _spi(ev.outbound_spi),
+                      _ts_text(ev.local_ts), _ts_text(ev.remote_ts))
+            self._request_delete_child(rec, ev.inbound_spi)
+            return
+        mode = IpsecMode.TRANSPORT if ev.transport_mode else IpsecMode.TUNNEL
+        params = self._params(rec, child, mode)
+        try:
+            selectors = policy_selectors(ev.local_ts, ev.remote_ts)
+            await self.keying.install_child(ev, params, ev.inbound_spi in rec.larval)
+            rec.larval.discard(ev.inbound_spi)
+            key = (rec.conn.name, child.name, mode, tuple(ev.local_ts), tuple(ev.remote_ts),
+                   str(params.local), str(params.remote))
+            policy_set = self._policies.get(key)
+            if policy_set is None:
+                ids = await self.keying.add_policies(selectors, params.local, params.remote,
+                                                     mode, params.reqid)
+                policy_set = self._policies[key] = PolicySet(params.reqid, ids)
+            policy_set.refs += 1
+        except (KeyingError, ValueError) as exc:
+            log.error("ike: %s %s: Child SA %s/%s not installed: %s", rec.name, child.name,
+                      _spi(ev.inbound_spi), _spi(ev.outbound_spi), exc)
+            await self._safely(self._delete_pair(params, ev.inbound_spi, ev.outbound_spi))
+            self._request_delete_child(rec, ev.inbound_spi)
+            return
+        rec.children[ev.inbound_spi] = ChildRecord(
+            child, ev.inbound_spi, ev.outbound_spi, ev.transforms, list(ev.local_ts),
+            list(ev.remote_ts), mode, params.reqid, key, params, time.time(),
+            time.time() + params.soft if params.soft else 0.0)
+        if rec.uid not in self._records:  # the IKE SA ended while we installed
+            self._child_gone(rec, ev.inbound_spi, ev.outbound_spi, "IKE SA gone")
+            return
+        log.info("ike: %s %s: Child SA installed, SPIs %s_i %s_o, %s, %s === %s%s%s",
+                 rec.name, child.name, _spi(ev.inbound_spi), _spi(ev.outbound_spi),
+                 _suite_name(ev.transforms), _ts_text(ev.local_ts), _ts_text(ev.remote_ts),
+                 ", UDP-encapsulated" if params.encap else "",
+                 f", rekeys {_spi(ev.rekey_of)}" if ev.rekey_of else "")
+
+    def _request_delete_child(self, rec: IkeRecord, inbound_spi: bytes) -> None:
+        try:
+            rec.sa.delete_child(inbound_spi, self._now())
+        except (ValueError, RuntimeError):
+            return
+        self._pump(rec.sa, rec)
+
+    async def _delete_pair(self, p: SaParams, inbound: bytes, outbound: bytes) -> None:
+        await self.keying.delete_sa(p.remote, p.local, int.from_bytes(inbound, "big"))
+        await self.keying.delete_sa(p.local, p.remote, int.from_bytes(outbound, "big"))
+
+    def _child_gone(self, rec: IkeRecord, inbound: bytes, outbound: bytes, reason: str) -> None:
+        child = rec.children.pop(inbound, None)
+        if child is None:
+            return  # never installed (or its install is still queued: it checks the record)
+        log.info("ike: %s %s: Child SA %s_i %s_o deleted (%s)", rec.name, child.child.name,
+                 _spi(inbound), _spi(outbound), reason)
+
+        async def uninstall() -> None:
+            await self._safely(self._delete_pair(child.params, inbound, outbound))
+            policy_set = self._policies.get(child.policy_key)
+            if policy_set is not None:
+                policy_set.refs -= 1
+                if policy_set.refs <= 0 and not policy_set.trap:
+                    del self._policies[child.policy_key]
+                    await self._safely(self.keying.delete_policies(policy_set.ids))
+
+        self._enqueue(uninstall)
+
+    # -- kernel messages ---------------------------------------------------------------------
+
+    def _on_pfkey(self, msg: Message) -> None:
+        if msg.type == MsgType.EXPIRE:
+            self.counters["expires"] += 1
+            self._on_expire(msg)
+        elif msg.type == MsgType.ACQUIRE:
+            self.counters["acquires"] += 1
+            self._on_acquire(msg)
+
+    def _on_expire(self, msg: Message) -> None:
+        sa_ext = msg.sa
+        if sa_ext is None:
+            return
+        spi = sa_ext.spi.to_bytes(4, "big")
+        hard = isinstance(msg.ext.get(ExtType.LIFETIME_HARD), LifetimeExt)
+        for rec in self._records.values():
+            for child in rec.children.values():
+                if spi not in (child.inbound_spi, child.outbound_spi):
+                    continue
+                now = self._now()
+                core_child = next((c for c in rec.sa.child_sas
+                                   if c.inbound_spi == child.inbound_spi), None)
+                if hard:
+                    log.info("ike: %s %s: SA %s hard expired: deleting the Child SA",
+                             rec.name, child.child.name, _spi(spi))
+                    self._request_delete_child(rec, child.inbound_spi)
+                elif core_child is not None and core_child.state is ChildState.INSTALLED \
+                        and rec.sa.state is State.ESTABLISHED:
+                    log.info("ike: %s %s: SA %s soft expired: rekeying", rec.name,
+                             child.child.name, _spi(spi))
+                    rec.sa.rekey_child(child.inbound_spi, now)
+                    self._pump(rec.sa, rec)
+                return
+
+    def _on_acquire(self, msg: Message) -> None:
+        policy = msg.policy
+        if policy is None:
+            return
+        for (conn_name, child_name), key in self._traps.items():
+            policy_set = self._policies.get(key)
+            if policy_set is None or policy.id not in policy_set.ids:
+                continue
+            log.info("ike: ACQUIRE for %s/%s (policy %d)", conn_name, child_name, policy.id)
+            self._acquired(conn_name, child_name)
+            return
+
+    def _acquired(self, conn_name: str, child_name: str) -> None:
+        for rec in self._records.values():
+            if rec.conn.name != conn_name:
+                continue
+            if any(c.child.name == child_name for c in rec.children.values()) or \
+                    any(c.name == child_name for c in rec.pending):
+                return  # already there or on its way
+            if rec.sa.state is State.ESTABLISHED:
+                self._create_child(rec, rec.conn.children[child_name])
+                self._pump(rec.sa, rec)
+                return
+            if rec.sa.state not in TERMINAL:
+                rec.pending.append(rec.conn.children[child_name])
+                return
+        self._spawn(self.initiate(conn_name, child_name))
+
+    # -- start actions, traps ----------------------------------------------------------------
+
+    async def _apply_start_actions(self, conns: list[ConnectionConfig]) -> None:
+        for conn in conns:
+            for child in conn.children.values():
+                if child.start_action == "trap":
+                    await self._install_trap(conn, child)
+            if any(c.start_action == "start" for c in conn.children.values()):
+                self._spawn(self.initiate(conn.name))
+
+    async def _install_trap(self, conn: ConnectionConfig, child: ChildConfig) -> None:
+        try:
+            local, remote = await self._endpoints(conn)
+        except IkeServiceError as exc:
+            log.warning("ike: %s/%s: no trap: %s", conn.name, child.name, exc)
+            return
+        mode = IpsecMode.TRANSPORT if child.mode == "transport" else IpsecMode.TUNNEL
+        local_ts, remote_ts = child.selectors(True, local), child.selectors(False, remote)
+        key = (conn.name, child.name, mode, tuple(local_ts), tuple(remote_ts), local, remote)
+        policy_set = self._policies.get(key)
+        if policy_set is None:
+            reqid = self._reqid(conn.name, child.name)
+            try:
+                ids = await self.keying.add_policies(
+                    policy_selectors(local_ts, remote_ts), ipaddress.ip_address(local),
+                    ipaddress.ip_address(remote), mode, reqid)
+            except (KeyingError, ValueError) as exc:
+                log.error("ike: %s/%s: trap not installed: %s", conn.name, child.name, exc)
+                return
+            policy_set = self._policies[key] = PolicySet(reqid, ids)
+        policy_set.trap = True
+        self._traps[(conn.name, child.name)] = key
+        log.info("ike: %s/%s: trap policies installed for %s === %s", conn.name, child.name,
+                 _ts_text(local_ts), _ts_text(remote_ts))
+
+    async def _uninstall_traps(self, conn_name: str) -> None:
+        for (name, child_name), key in list(self._traps.items()):
+            if name != conn_name:
+                continue
+            del self._traps[(name, child_name)]
+            policy_set = self._policies.get(key)
+            if policy_set is None:
+                continue
+            policy_set.trap = False
+            if policy_set.refs <= 0:
+                del self._policies[key]
+                await self._safely(self.keying.delete_policies(policy_set.ids))
+
+    async def _endpoints(self, conn: ConnectionConfig) -> tuple[str, str]:
+        remote = next((a for a in conn.remote_addrs if a != "%any"), None)
+        if remote is None:
+            raise IkeServiceError(f"connection {conn.name} has no remote address to initiate to")
+        try:
+            remote_ip = str(ipaddress.ip_network(remote, strict=False).network_address)
+        except ValueError:
+            assert self._loop is not None
+            infos = await self._loop.getaddrinfo(remote, None, type=socket.SOCK_DGRAM)
+            if not infos:
+                raise IkeServiceError(f"cannot resolve {remote}") from None
+            remote_ip = str(infos[0][4][0])
+        local = next((a for a in conn.local_addrs if a != "%any"), None)
+        return (local or _route_source(remote_ip)), remote_ip
+
+    # -- daemon requests (control commands) ----------------------------------------------------
+
+    async def initiate(self, name: str, child_name: str | None = None) -> IkeRecord:
+        """Start an IKE SA for connection `name` with its children (or only `child_name`):
+        GETSPI for the first Child SA's inbound SPI, then IKE_SA_INIT."""
+        conn = self.connections.connections.get(name)
+        if conn is None:
+            raise IkeServiceError(f"no connection named {name!r}")
+        children = list(conn.children.values())
+        if child_name is not None:
+            children = [conn.children[child_name]]
+        local_ip, remote_ip = await self._endpoints(conn)
+        larval = True
+        try:
+            spi = (await self.keying.getspi(ipaddress.ip_address(local_ip),
+                                            ipaddress.ip_address(remote_ip),
+                                            IpsecMode.ANY, 0)).to_bytes(4, "big")
+        except KeyingError as exc:
+            log.warning("ike: %s: GETSPI failed (%s): using a random SPI", name, exc)
+            spi, larval = _random_spi(), False
+        config = self._ike_config(conn, children, local_ip, remote_ip)
+        sa = IkeSa(config, initiator=True, local_addr=(local_ip, self.connections.settings.port),
+                   remote_addr=(remote_ip, conn.remote_port), child_spi=spi,
+                   spi_allocator=_random_spi)
+        rec = self._new_record(conn, sa, local_ip)
+        if larval:
+            rec.larval.add(spi)
+        rec.pending = children[1:]
+        self._routes[sa.spi_i] = (sa, rec)
+        log.info("ike: %s initiating to %s:%d", rec.name, *sa.remote_addr)
+        sa.initiate(self._now())
+        self._pump(sa, rec)
+        return rec
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        """Run a request from a callback (ACQUIRE, DPD restart), logging its failure."""
+        async def run() -> None:
+            try:
+                await coro
+            except (IkeServiceError, KeyingError, OSError) as exc:
+                log.warning("ike: %s", exc)
+        task = asyncio.ensure_future(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _down(self, rec: IkeRecord) -> None:
+        if rec.sa.state in TERMINAL:
+            return
+        rec.sa.delete(self._now())
+        self._pump(rec.sa, rec)
+
+    async def terminate(self, name: str, timeout: float = 10.0) -> int:
+        """Delete the IKE SAs of connection `name`; wait until they are gone. Returns how many."""
+        if name not in self.connections.connections:
+            raise IkeServiceError(f"no connection named {name!r}")
+        recs = [r for r in self._records.values() if r.conn.name == name]
+        for rec in recs:
+            self._down(rec)
+        waits = [asyncio.ensure_future(r.gone.wait()) for r in recs]
+        if waits:
+            _, pending = await asyncio.wait(waits, timeout=timeout)
+            for task in pending:
+                task.cancel()
+        for rec in recs:
+            if rec.uid in self._records:
+                self._forget(rec, "no answer to our delete")
+        await self._jobs.join()
+        return len(recs)
+
+    async def wait_established(self, rec: IkeRecord, timeout: float = 30.0) -> bool:
+        """Until rec's IKE SA and its first Child SA are up, or it ended."""
+        deadline = self._now() + timeout
+        while self._now() < deadline:
+            if rec.uid not in self._records:
+                return False
+            if rec.sa.state is State.ESTABLISHED and rec.children and not rec.pending:
+                await self._jobs.join()
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+    async def reload(self, connections: Connections | None = None) -> dict[str, list[str]]:
+        """Apply a new configuration: removed and changed connections go down (and lose their
+        traps), added and changed ones get their start actions; unchanged ones are kept."""
+        if connections is None:
+            from ike.connections import TABLES
+            from userspace_ipsec import config as config_mod
+            self.config = config_mod.load(self.config.source, extra_tables=TABLES)
+            connections = from_config(self.config)
+        old, new = self.connections.connections, connections.connections
+        removed = [n for n in old if n not in new]
+        changed = [n for n in old if n in new and old[n].fingerprint() != new[n].fingerprint()]
+        added = [n for n in new if n not in old]
+        for name in removed + changed:
+            await self.terminate(name)
+            await self._uninstall_traps(name)
+        self.connections = Connections(new, self.connections.settings, connections.source)
+        await self._apply_start_actions([new[n] for n in added + changed])
+        log.info("ike: reloaded: %d added, %d changed, %d removed", len(added), len(changed),
+                 len(removed))
+        return {"added": added, "changed": changed, "removed": removed}
+
+    @property
+    def records(self) -> list[IkeRecord]:
+        return list(self._records.values())
+
+    @property
+    def policy_sets(self) -> dict[tuple[Any, ...], PolicySet]:
+        return self._policies
+
+
+def _random_spi() -> bytes:
+    """An inbound SPI the kernel's GETSPI range would give (installed with ADD)."""
+    return random.SystemRandom().randrange(0x100, 0x0FFFFFFF).to_bytes(4, "big")
+
+
+def _route_source(remote: str) -> str:
+    """The local address the routing table picks for `remote` (no packet is sent)."""
+    family = socket.AF_INET6 if ":" in remote else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((remote, 9))
+            return str(probe.getsockname()[0])
+        except OSError:
+            return "::" if family == socket.AF_INET6 else "0.0.0.0"
+
+
+def _pktinfo_dst(anc: list[tuple[int, int, bytes]]) -> str | None:
+    for level, kind, data in anc:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+            _, _, addr = _IN_PKTINFO.unpack_from(data)
+            return str(ipaddress.IPv4Address(addr))
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and \
+                len(data) >= _IN6_PKTINFO.size:
+            addr6, _ = _IN6_PKTINFO.unpack_from(data)
+            return str(ipaddress.IPv6Address(addr6))
+    return None
