@@ -9,6 +9,7 @@ stops cleanly on SIGTERM/SIGINT and removes its sockets, routes and TUN.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -75,6 +76,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, self._log_stats)
         try:
             await self.pfkey.start()
             log.info("daemon: serving PF_KEY on %s", self.run_dir.pfkey_socket)
@@ -86,13 +88,18 @@ class Daemon:
             timer.cancel()
             log.info("daemon: stopping")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             self.pfkey.after_dispatch = None
             if self.datapath is not None:
                 self.datapath.close()
             await self.pfkey.close()
             self._lock.release()
+
+    def _log_stats(self) -> None:
+        """SIGUSR1: one log line with the datapath's counters (until ``uipsec stats`` exists)."""
+        if self.datapath is not None:
+            log.warning("datapath stats: %s", json.dumps(self.datapath.stats(), sort_keys=True))
 
     def stop(self) -> None:
         self._stop.set()
