@@ -32,7 +32,7 @@ from ike.connections import (
     format_identity,
     from_config,
 )
-from ike.constants import ExchangeType, HeaderFlag
+from ike.constants import DhId, EncrId, ExchangeType, HeaderFlag, IntegId, PrfId
 from ike.core import TERMINAL, ChildState, State
 from ike.events import (
     ChildSaDeleted,
@@ -83,10 +83,10 @@ def _our_spi(sa: IkeSa) -> bytes:
     return sa.spi_i if sa.initiator else sa.spi_r
 
 
-def _suite_name(ts: TransformSet | None) -> str:
+def suite_name(ts: TransformSet | None) -> str:
+    """"AES_GCM_16_256/HMAC_SHA2_256/CURVE25519": the algorithms, for logs and status."""
     if ts is None:
         return "-"
-    from ike.constants import DhId, EncrId, IntegId, PrfId  # names only
     parts = [f"{EncrId(ts.encr).name}_{ts.encr_key_bits}"]
     if ts.integ:
         parts.append(IntegId(ts.integ).name)
@@ -99,7 +99,7 @@ def _suite_name(ts: TransformSet | None) -> str:
     return "/".join(parts)
 
 
-def _ts_text(ts: list[TrafficSelector]) -> str:
+def ts_text(ts: list[TrafficSelector]) -> str:
     out = []
     for t in ts:
         nets = list(ipaddress.summarize_address_range(t.start_addr, t.end_addr))
@@ -161,6 +161,8 @@ class IkeRecord:
     larval: set[bytes] = field(default_factory=set)  # inbound SPIs from GETSPI
     pending: list[ChildConfig] = field(default_factory=list)  # create once established
     liveness_failed: bool = False
+    transforms: TransformSet | None = None  # of the IKE SA, once established
+    remote_id: tuple[int, bytes] | None = None
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
 
@@ -567,6 +569,7 @@ class IkeService:
     def _on_established(self, sa: IkeSa, rec: IkeRecord, ev: IkeSaEstablished) -> None:
         now = self._now()
         rec.established_at = time.time()
+        rec.transforms, rec.remote_id = ev.transforms, ev.remote_id
         conn = rec.conn
         if conn.dpd_delay:
             rec.dpd_at = now + conn.dpd_delay
@@ -575,7 +578,7 @@ class IkeService:
         nat = ("local behind NAT" if ev.local_behind_nat else "") + \
             (" remote behind NAT" if ev.remote_behind_nat else "")
         log.info("ike: %s established with %s (%s:%d), %s%s", rec.name,
-                 format_identity(ev.remote_id), *sa.remote_addr, _suite_name(ev.transforms),
+                 format_identity(ev.remote_id), *sa.remote_addr, suite_name(ev.transforms),
                  f", {nat.strip()}" if nat else "")
         for child in rec.pending:
             self._create_child(rec, child)
@@ -685,7 +688,7 @@ class IkeService:
         if child is None:
             log.error("ike: %s Child SA %s/%s matches no child config (%s === %s): deleting",
                       rec.name, _spi(ev.inbound_spi), _spi(ev.outbound_spi),
-                      _ts_text(ev.local_ts), _ts_text(ev.remote_ts))
+                      ts_text(ev.local_ts), ts_text(ev.remote_ts))
             self._request_delete_child(rec, ev.inbound_spi)
             return
         mode = IpsecMode.TRANSPORT if ev.transport_mode else IpsecMode.TUNNEL
@@ -717,7 +720,7 @@ class IkeService:
             return
         log.info("ike: %s %s: Child SA installed, SPIs %s_i %s_o, %s, %s === %s%s%s",
                  rec.name, child.name, _spi(ev.inbound_spi), _spi(ev.outbound_spi),
-                 _suite_name(ev.transforms), _ts_text(ev.local_ts), _ts_text(ev.remote_ts),
+                 suite_name(ev.transforms), ts_text(ev.local_ts), ts_text(ev.remote_ts),
                  ", UDP-encapsulated" if params.encap else "",
                  f", rekeys {_spi(ev.rekey_of)}" if ev.rekey_of else "")
 
@@ -846,7 +849,7 @@ class IkeService:
         policy_set.trap = True
         self._traps[(conn.name, child.name)] = key
         log.info("ike: %s/%s: trap policies installed for %s === %s", conn.name, child.name,
-                 _ts_text(local_ts), _ts_text(remote_ts))
+                 ts_text(local_ts), ts_text(remote_ts))
 
     async def _uninstall_traps(self, conn_name: str) -> None:
         for (name, child_name), key in list(self._traps.items()):

@@ -1,0 +1,64 @@
+"""Hard expiry, trap policies with ACQUIRE, and cleanup when a daemon stops."""
+
+from __future__ import annotations
+
+import ipaddress
+import time
+from pathlib import Path
+
+from tests.ike_daemon.gateways import config_text, run, start_gateway, stop_gateway, until
+from userspace_ipsec.kernel import Flow
+from userspace_ipsec.pfkey.constants import PolicyDir
+
+
+def _texts(extra_child: str = "") -> tuple[str, str]:
+    return (config_text("127.0.0.1", "127.0.0.2", local_ts='"10.1.0.0/16"',
+                        remote_ts='"10.2.0.0/16"', extra_child=extra_child),
+            config_text("127.0.0.2", "127.0.0.1", local_ts='"10.2.0.0/16"',
+                        remote_ts='"10.1.0.0/16"'))
+
+
+def test_hard_expire_deletes_the_child_on_both_sides(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ltext, rtext = _texts('rekey_time = 0\nlife_time = 100\njitter = 0')
+        left = await start_gateway(tmp_path, "left", ltext)
+        right = await start_gateway(tmp_path, "right", rtext)
+        try:
+            rec = await left.service.initiate("site")
+            assert await left.service.wait_established(rec, 20)
+            await until(lambda: len(right.sas()) == 2)
+            assert all(not sa.soft.addtime and sa.hard.addtime == 100 for sa in left.sas())
+            left.tick(101)
+            await until(lambda: not left.sas() and not left.policies(), what="left cleanup")
+            await until(lambda: not right.sas() and not right.policies(), what="right cleanup")
+            assert not rec.children and rec.uid in {r.uid for r in left.service.records}
+        finally:
+            await stop_gateway(left)
+            await stop_gateway(right)
+
+    run(scenario())
+
+
+def test_trap_policy_acquire_negotiates_and_stop_cleans_everything(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ltext, rtext = _texts('start_action = "trap"')
+        left = await start_gateway(tmp_path, "left", ltext)
+        right = await start_gateway(tmp_path, "right", rtext)
+        try:
+            traps = left.policies()
+            assert len(traps) == 3 and not left.sas()
+            out = next(p for p in traps if p.direction == PolicyDir.OUTBOUND)
+            flow = Flow(ipaddress.ip_address("10.1.0.5"), ipaddress.ip_address("10.2.0.9"))
+            left.server.dispatch(None, left.kernel.acquire(out, flow, time.time()))
+            await until(lambda: len(left.sas()) == 2 and len(right.sas()) == 2,
+                        what="SAs after ACQUIRE")
+            assert {p.id for p in left.policies()} == {p.id for p in traps}
+            out_sa = next(s for s in left.sas() if str(s.src) == "127.0.0.1")
+            assert out_sa.reqid == out.requests[0].reqid
+            await stop_gateway(left)
+            assert not left.sas() and not left.policies()
+            await until(lambda: not right.sas() and not right.policies(), what="peer told")
+        finally:
+            await stop_gateway(right)
+
+    run(scenario())
