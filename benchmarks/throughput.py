@@ -11,8 +11,9 @@ and each gateway daemon's CPU share (utime+stime from /proc/PID/stat over the ru
 core), as median [min-max] over the runs; then each case's median throughput as a ratio to the
 strongSwan case.
 
-Cases: ``bare`` (plain routing over veth, no IPsec: the ceiling) and ``strongswan`` (charon with
-kernel-libipsec on both gateways: the reference).
+Cases: ``bare`` (plain routing over veth, no IPsec: the ceiling), ``strongswan`` (charon with
+kernel-libipsec on both gateways: the reference) and ``ours`` (``uipsec daemon`` on both
+gateways, AES-GCM-128 SAs loaded with ``uipsec setkey``: raw ESP, or ESP in UDP 4500 with --nat).
 
 Adding a case (the extension point): write a *gateway starter*, a function
 
@@ -41,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import click
@@ -110,9 +112,71 @@ def strongswan_gateways(topo: Topology) -> Iterator[Mapping[str, int]]:
         yield {"gwL": left.pid, "gwR": right.pid}
 
 
+# AES-GCM-128 (RFC 4106): 128-bit key + 4-byte salt. Benchmark-only keys.
+_OURS_KEYS = ("0x" + "5a" * 16 + "0badcafe", "0x" + "a5" * 16 + "0badf00d")
+
+
+def _ours_script(me: str, peer: str, mine: str, theirs: str, out_spi: int, in_spi: int,
+                 encap: bool) -> str:
+    port = "[4500]" if encap else ""
+    kind = "esp-udp" if encap else "esp"
+    keys = dict(zip((0x4001, 0x4002), _OURS_KEYS, strict=True))
+    return (
+        "flush;\nspdflush;\n"
+        f"add {me}{port} {peer}{port} {kind} {out_spi:#x} -m tunnel -r 128 "
+        f"-E aes-gcm-16 {keys[out_spi]};\n"
+        f"add {peer}{port} {me}{port} {kind} {in_spi:#x} -m tunnel -r 128 "
+        f"-E aes-gcm-16 {keys[in_spi]};\n"
+        f"spdadd {mine} {theirs} any -P out ipsec esp/tunnel/{me}{port}-{peer}{port}/require;\n"
+        f"spdadd {theirs} {mine} any -P in ipsec esp/tunnel/{peer}{port}-{me}{port}/require;\n"
+        f"spdadd {theirs} {mine} any -P fwd ipsec esp/tunnel/{peer}{port}-{me}{port}/require;\n"
+    )
+
+
+@contextlib.contextmanager
+def uipsec_gateways(topo: Topology) -> Iterator[Mapping[str, int]]:
+    """Case (c): ``uipsec daemon`` on both gateways, manually keyed AES-GCM-128 tunnel."""
+    import tempfile
+
+    encap = topo.nat is not None
+    sides = (
+        ("gwL", topo.gw_l, topo.gw_l_outer, topo.gw_r_outer, LEFT_NET, RIGHT_NET, 0x4001,
+         0x4002),
+        ("gwR", topo.gw_r, topo.gw_r_outer, topo.gw_l_seen_by_r, RIGHT_NET, LEFT_NET, 0x4002,
+         0x4001),
+    )
+    cli = [sys.executable, "-m", "userspace_ipsec.cli"]
+    with tempfile.TemporaryDirectory(prefix="uipsec-bench-") as tmp:
+        pids: dict[str, int] = {}
+        for name, ns, me, peer, mine, theirs, out_spi, in_spi in sides:
+            run_dir = os.path.join(tmp, name)
+            os.makedirs(run_dir)
+            log_path = os.path.join(run_dir, "daemon.log")
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                proc = topo.popen(ns, [*cli, "-v", "--run-dir", run_dir, "daemon"],
+                                  stdout=log_fd, stderr=subprocess.STDOUT)
+            finally:
+                os.close(log_fd)
+            deadline = time.monotonic() + 20
+            while "datapath: TUN" not in (log := Path(log_path).read_text(errors="replace")):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise TopologyError(f"uipsec daemon in {name} did not start:\n{log[-2000:]}")
+                time.sleep(0.05)
+            script = os.path.join(run_dir, "tunnel.conf")
+            with open(script, "w") as f:
+                f.write(_ours_script(me, peer, mine, theirs, out_spi, in_spi, encap))
+            topo.run(ns, [*cli, "--run-dir", run_dir, "setkey", "-k", "-f", script])
+            pids[name] = proc.pid
+        if topo.ping(topo.host_l, HOST_R_ADDR, count=3) != 3:
+            raise TopologyError("uipsec tunnel loaded but hostL cannot reach hostR")
+        yield pids
+
+
 CASES: dict[str, Case] = {
     "bare": Case("bare", "(a) veth routing, no IPsec", no_gateways, cleartext_routes=True),
     "strongswan": Case("strongswan", "(b) strongSwan kernel-libipsec", strongswan_gateways),
+    "ours": Case("ours", "(c) uipsec daemon (manual keys)", uipsec_gateways),
 }
 
 
@@ -255,7 +319,7 @@ def print_report(all_results: dict[str, dict[str, list[Sample]]], cases: dict[st
 @click.option("--udp-len", default=UDP_PAYLOAD, show_default=True,
               help="UDP payload bytes (-l); the default makes 1400-byte IP packets.")
 @click.option("--no-tcp", is_flag=True, help="Skip the TCP test.")
-@click.option("--cases", "case_names", default="bare,strongswan", show_default=True,
+@click.option("--cases", "case_names", default="bare,strongswan,ours", show_default=True,
               help=f"Comma-separated built-in cases: {', '.join(CASES)}.")
 @click.option("--case", "extra", multiple=True, metavar="NAME=module:function",
               help="Add a case from a gateway starter function (see module docstring).")
