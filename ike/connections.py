@@ -491,15 +491,28 @@ def _secrets_file(file: Path, referrer: str, line: int | None) -> list[_Secret]:
     return _secrets(table, name, locate, file.parent)
 
 
+def _default_ids(ident: Identity | None, addrs: list[str]) -> list[Identity]:
+    """The identity, or (unset) the address identities it will default to."""
+    if ident is not None:
+        return [ident]
+    out = []
+    for addr in addrs:
+        try:
+            out.append(address_identity(addr))
+        except ValueError:
+            continue  # %any, a subnet or a hostname
+    return out
+
+
 def _find_psk(conn: ConnectionConfig, secrets: list[_Secret]) -> bytes:
     """The secret naming both identities, else one of them, else one with no identities."""
-    mine = conn.local_id
+    mine = _default_ids(conn.local_id, conn.local_addrs)
+    theirs = _default_ids(conn.remote_id, conn.remote_addrs)
     best, score = b"", -1
     for secret in secrets:
-        if not secret.ids:
-            s = 0
-        else:
-            s = (mine in secret.ids) + (conn.remote_id in secret.ids) * 2
+        s = 0
+        if secret.ids:
+            s = any(i in secret.ids for i in mine) + 2 * any(i in secret.ids for i in theirs)
             if s == 0:
                 continue
         if s > score:

@@ -410,8 +410,8 @@ class IkeService:
         if sa.local_behind_nat or sa.remote_behind_nat or rec.conn.encap:
             rec.natt = True
             natt_port = self.connections.settings.natt_port
-            sa.remote_addr = (sa.remote_addr[0], natt_port if sa.remote_addr[1] == 500
-                              else sa.remote_addr[1])
+            if sa.remote_addr[1] == rec.conn.remote_port != natt_port:
+                sa.remote_addr = (sa.remote_addr[0], natt_port)
             log.info("ike: %s NAT %s, switching to port %d", rec.name,
                      "detected" if sa.local_behind_nat or sa.remote_behind_nat else "forced",
                      sa.remote_addr[1])
