@@ -424,8 +424,9 @@ class ChildExchanges(Informational):
     def _answer_ike_rekey(self, req: Message, sa: SaPayload, ni: bytes,
                           now: float) -> list[Payload]:
         pending = self._pending.kind if self._pending is not None else None
-        if pending in ("create-child", "rekey-child"):
-            return _notify(NotifyType.TEMPORARY_FAILURE)  # our half-open Child SA first
+        if pending not in (None, "liveness", "rekey-ike"):
+            # A Child SA exchange of ours is half done on this IKE SA: finish it first.
+            return _notify(NotifyType.TEMPORARY_FAILURE)
         chosen = select_proposal(self.config.ike_proposals, sa.proposals)
         if chosen is None or len(chosen.spi) != 8:
             return _notify(NotifyType.NO_PROPOSAL_CHOSEN)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from ike.constants import ExchangeType, NotifyType, ProtocolId
-from ike.core import State
+from ike.constants import ExchangeType, IdType, NotifyType, ProtocolId
+from ike.core import ChildState, State
 from ike.events import (
     ChildSaDeleted,
     ChildSaEstablished,
     IkeSaDeleted,
     IkeSaEstablished,
     IkeSaFailed,
+    InitialContact,
     LivenessFailed,
     PeerNotify,
 )
 from ike.message import decode_message, encode_message
 from ike.payloads import DeletePayload, NotifyPayload, Payload, UnknownPayload
+from ike.proposals import parse_proposals
 from tests.ike.harness import Net, pair
 from tests.ike.test_ike_child import inner_of
+
+PFS_I = {"esp_proposals": parse_proposals("aes128gcm16-x25519", "esp")}
 
 
 def send(net: Net, name: str, inner: list[Payload]) -> tuple[bytes, bytes]:
@@ -215,3 +219,69 @@ def test_initiator_reports_failed_responder_authentication() -> None:
     net.pump()
     assert i.state is State.FAILED and r.state is State.FAILED
     assert net.r.take(IkeSaFailed)[0].notify == NotifyType.AUTHENTICATION_FAILED
+
+
+def test_initial_contact_is_configurable() -> None:
+    net = Net.established(i_over={"initial_contact": False})
+    assert net.r.take(InitialContact) == []
+    net = Net.established()
+    (ic,) = net.r.take(InitialContact)
+    assert ic.remote_id == (IdType.FQDN, b"alice")
+
+
+def test_critical_payload_in_ike_auth_answered_inside_sk_and_fails() -> None:
+    i, r = pair()
+    net = Net(i, r)
+    i.initiate(0.0)
+    net.deliver("i", net.outgoing("i")[0])
+    net.deliver("r", net.outgoing("r")[0])
+    i.datagrams_to_send(0.0)
+    i._pending = None
+    i._next_id = 1
+    i._request(ExchangeType.IKE_AUTH, [UnknownPayload(222, b"", critical=True)], 0.0,
+               "IKE_AUTH", i._on_auth_response)
+    (auth,) = net.outgoing("i")
+    net.deliver("i", auth)
+    (resp,) = net.outgoing("r")
+    assert decode_message(resp).find(NotifyPayload) is None  # nothing in clear
+    n = inner_of(net, "r", resp).notify(NotifyType.UNSUPPORTED_CRITICAL_PAYLOAD)
+    assert n is not None and n.data == bytes([222])
+    assert r.state is State.FAILED
+    net.deliver("r", resp)
+    assert i.state is State.FAILED
+
+
+def test_replaced_child_deleted_by_us_when_peer_never_does() -> None:
+    net = Net.established()
+    (ic,), (rc,) = net.i.take(ChildSaEstablished), net.r.take(ChildSaEstablished)
+    net.i.sa.rekey_child(ic.inbound_spi, net.now)
+    net.deliver("i", net.outgoing("i")[0])
+    net.deliver("r", net.outgoing("r")[0])
+    net.outgoing("i")  # i's delete of the old pair is lost, and i forgets it
+    net.i.sa._pending = None
+    net.i.sa._children[ic.inbound_spi].state = ChildState.INSTALLED
+    deadline = net.r.sa.get_timer()
+    assert deadline is not None and round(deadline - net.now, 2) == 165.06
+    net.timers(deadline)
+    assert [e.inbound_spi for e in net.r.take(ChildSaDeleted)] == [rc.inbound_spi]
+    assert [e.inbound_spi for e in net.i.take(ChildSaDeleted)] == [ic.inbound_spi]
+    assert len(net.r.sa.child_sas) == 1 and len(net.i.sa.child_sas) == 1
+
+
+def test_no_key_material_in_reprs() -> None:
+    net = Net.established(PFS_I, PFS_I)
+    net.i.sa.rekey_ike(net.now)
+    net.pump()
+    for side in (net.i, net.r):
+        side.collect()
+        for sa in side.sas:
+            assert sa._keys is not None
+            secrets = [k.hex() for k in (sa._keys.sk_d, sa._keys.sk_ei, sa._keys.sk_er,
+                                         sa._keys.sk_pi, sa._keys.sk_pr)]
+            text = repr(sa) + repr(side.events) + repr(sa.child_sas) + repr(sa.config) + \
+                repr(sa._pending) + repr(sa._cached)
+            assert not any(s in text for s in secrets)
+            assert sa.config.psk.hex() not in text and "correct horse" not in text
+        for e in side.events:
+            if isinstance(e, ChildSaEstablished):
+                assert e.encr_in.hex() not in repr(e) and e.encr_out.hex() not in repr(e)
