@@ -108,6 +108,8 @@ class IkeSettings:
     listen: tuple[str, ...] = ("0.0.0.0", "::")
     port: int = 500
     natt_port: int = 4500  # used only when the daemon runs without a datapath
+    retransmit_timeout: float = 4.0  # strongSwan's defaults: 4 s * 1.8**n, 5 retransmissions
+    retransmit_tries: int = 5
 
 
 @dataclass(slots=True)
@@ -528,7 +530,11 @@ def _settings(table: dict[str, Any], path: str, locate: _Locator) -> IkeSettings
             ipaddress.ip_address(addr)
         except ValueError:
             raise r.error("listen", f"ike.listen: {addr!r} is not an IP address") from None
-    settings = IkeSettings(tuple(listen), r.port("port", 500), r.port("natt_port", 4500))
+    settings = IkeSettings(tuple(listen), r.port("port", 500), r.port("natt_port", 4500),
+                           r.seconds("retransmit_timeout", 4.0, 0.05),
+                           int(r.get("retransmit_tries", int, 5)))
+    if not 0 <= settings.retransmit_tries <= 20:
+        raise r.error("retransmit_tries", "ike.retransmit_tries must be within 0..20")
     r.check_unknown()
     return settings
 

@@ -536,7 +536,9 @@ class IkeService:
                          ike_proposals=list(conn.proposals),
                          esp_proposals=list(first.esp_proposals), local_ts=local_ts,
                          remote_ts=remote_ts, remote_id=conn.remote_id,
-                         transport_mode=first.mode == "transport")
+                         transport_mode=first.mode == "transport",
+                         retransmit_timeout=self.connections.settings.retransmit_timeout,
+                         retransmit_tries=self.connections.settings.retransmit_tries)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -618,14 +620,22 @@ class IkeService:
         for child in list(rec.children.values()):
             self._child_gone(rec, child.inbound_spi, child.outbound_spi, ev.reason)
         self._drop_record(rec)
+        if rec.conn.name not in self.connections.connections:
+            return  # removed by a reload
         if rec.liveness_failed:
-            self._after_loss(rec, {c.dpd_action for c in rec.conn.children.values()})
+            self._after_loss(rec, {c.name: c.dpd_action for c in rec.conn.children.values()})
+        elif isinstance(ev, IkeSaDeleted) and "peer" in ev.reason:
+            self._after_loss(rec, {c.name: c.close_action for c in rec.conn.children.values()})
 
-    def _after_loss(self, rec: IkeRecord, actions: set[str]) -> None:
+    def _after_loss(self, rec: IkeRecord, actions: dict[str, str]) -> None:
         """dpd_action / close_action: restart renegotiates, trap waits for traffic."""
-        if "restart" in actions or "start" in actions:
-            log.info("ike: %s restarting", rec.conn.name)
-            self._spawn(self.initiate(rec.conn.name))
+        conn = rec.conn
+        for child_name, action in actions.items():
+            if action == "trap" and (conn.name, child_name) not in self._traps:
+                self._spawn(self._install_trap(conn, conn.children[child_name]))
+        if any(a in ("restart", "start") for a in actions.values()):
+            log.info("ike: %s restarting", conn.name)
+            self._spawn(self.initiate(conn.name))
 
     def _initial_contact(self, rec: IkeRecord, ev: InitialContact) -> None:
         for other in list(self._records.values()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 from pathlib import Path
@@ -59,6 +60,55 @@ def test_trap_policy_acquire_negotiates_and_stop_cleans_everything(tmp_path: Pat
             assert not left.sas() and not left.policies()
             await until(lambda: not right.sas() and not right.policies(), what="peer told")
         finally:
+            await stop_gateway(right)
+
+    run(scenario())
+
+
+def _dead_peer_texts(dpd_action: str) -> tuple[str, str]:
+    ltext, rtext = _texts(f'dpd_action = "{dpd_action}"')
+    ltext = ltext.replace("natt_port = 14500", "natt_port = 14500\nretransmit_timeout = 0.1\n"
+                          "retransmit_tries = 1").replace(
+        'proposals = ["aes256gcm16-prfsha256-x25519"]',
+        'proposals = ["aes256gcm16-prfsha256-x25519"]\ndpd_delay = 0.3')
+    return ltext, rtext
+
+
+def test_dpd_clear_removes_everything_when_the_peer_vanishes(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ltext, rtext = _dead_peer_texts("clear")
+        left = await start_gateway(tmp_path, "left", ltext)
+        right = await start_gateway(tmp_path, "right", rtext)
+        try:
+            rec = await left.service.initiate("site")
+            assert await left.service.wait_established(rec, 20)
+            await asyncio.sleep(0.8)  # liveness checks answered: still up
+            assert rec in left.service.records and len(left.sas()) == 2
+            right.service._close_sockets()  # noqa: SLF001 - the peer dies without a word
+            await until(lambda: not left.service.records, timeout=10, what="DPD failure")
+            await until(lambda: not left.sas() and not left.policies(), what="cleanup")
+        finally:
+            await stop_gateway(left)
+            await stop_gateway(right)
+
+    run(scenario())
+
+
+def test_dpd_trap_leaves_trap_policies(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        ltext, rtext = _dead_peer_texts("trap")
+        left = await start_gateway(tmp_path, "left", ltext)
+        right = await start_gateway(tmp_path, "right", rtext)
+        try:
+            rec = await left.service.initiate("site")
+            assert await left.service.wait_established(rec, 20)
+            right.service._close_sockets()  # noqa: SLF001
+            await until(lambda: not left.service.records and not left.sas(), timeout=10,
+                        what="DPD failure")
+            await until(lambda: len(left.policies()) == 3, what="trap policies")
+            assert ("site", "net") in left.service._traps  # noqa: SLF001
+        finally:
+            await stop_gateway(left)
             await stop_gateway(right)
 
     run(scenario())
