@@ -146,11 +146,9 @@ class ChildExchanges(Informational):
         self._enqueue(("create-child", ctx), now)
 
     def rekey_child(self, inbound_spi: bytes, now: float) -> None:
-        """Queue a rekey of the Child SA pair with this inbound SPI."""
+        """Queue a rekey of the Child SA pair with this inbound (or outbound) SPI."""
         self._require_established()
-        if inbound_spi not in self._children:
-            raise ValueError(f"no Child SA with inbound SPI {inbound_spi.hex()}")
-        self._enqueue(("rekey-child", inbound_spi), now)
+        self._enqueue(("rekey-child", self._resolve_child(inbound_spi)), now)
 
     def _require_established(self) -> None:
         if self.state is not State.ESTABLISHED:

@@ -193,6 +193,16 @@ class IkeSaCore:
         self._keys = derive_ike_keys(suite, seed, ni, nr, self.spi_i, self.spi_r)
         self._out, self._in = ike_sa_ciphers(suite, self._keys, self.initiator)
 
+    def _resolve_child(self, spi: bytes) -> bytes:
+        """The inbound SPI of the pair that `spi` names in either direction (a PF_KEY
+        EXPIRE may name the outbound SA); ValueError if none."""
+        if spi in self._children:
+            return spi
+        for child in self._children.values():
+            if child.outbound_spi == spi:
+                return child.inbound_spi
+        raise ValueError(f"no Child SA with SPI {spi.hex()}")
+
     # -- events and ends -------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:

@@ -19,11 +19,9 @@ class Informational(IkeSaCore):
     # -- daemon requests ---------------------------------------------------------------------
 
     def delete_child(self, inbound_spi: bytes, now: float) -> None:
-        """Queue the delete of the Child SA pair with this inbound SPI; ChildSaDeleted follows
-        when the peer has answered."""
-        if inbound_spi not in self._children:
-            raise ValueError(f"no Child SA with inbound SPI {inbound_spi.hex()}")
-        self._queue_delete_child(inbound_spi, now)
+        """Queue the delete of the Child SA pair with this inbound (or outbound) SPI;
+        ChildSaDeleted follows when the peer has answered."""
+        self._queue_delete_child(self._resolve_child(inbound_spi), now)
 
     def delete(self, now: float) -> None:
         """Delete the IKE SA and with it every Child SA; IkeSaDeleted follows."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from ike.constants import DhId, ExchangeType, NotifyType, ProtocolId
 from ike.core import ChildState
 from ike.events import ChildSaDeleted, ChildSaEstablished, ChildSaFailed
@@ -264,3 +266,17 @@ def test_responder_checks_missing_payloads() -> None:
     (resp,) = net.outgoing("r")
     assert inner_of(net, "r", resp).notify(NotifyType.INVALID_SYNTAX) is not None
     assert not inner_of(net, "r", resp).find(SaPayload)
+
+
+def test_requests_name_a_pair_by_either_spi() -> None:
+    net = Net.established()
+    ic, _ = first_established(net)
+    net.i.sa.rekey_child(ic.outbound_spi, net.now)  # as a PF_KEY EXPIRE of the outbound SA
+    net.pump()
+    (new,) = net.i.take(ChildSaEstablished)
+    assert new.rekey_of == ic.inbound_spi
+    with pytest.raises(ValueError, match="deadbeef"):
+        net.i.sa.delete_child(b"\xde\xad\xbe\xef", net.now)
+    net.i.sa.delete_child(new.outbound_spi, net.now)
+    net.pump()
+    assert net.i.sa.child_sas == [] and net.r.sa.child_sas == []
