@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
 NONCE_BYTES = 32
 MAX_KE_RETRIES = 2  # INVALID_KE_PAYLOAD answers followed per exchange
+MAX_SELECTORS = 255  # a TS payload's count octet
 
 
 def _notify(code: int, data: bytes = b"") -> list[Payload]:
@@ -108,7 +109,7 @@ class ChildExchanges(Informational):
             raise Fail("no acceptable ESP proposal", NotifyType.NO_PROPOSAL_CHOSEN)
         ts_i = narrow(tsi.selectors, self.config.remote_ts)
         ts_r = narrow(tsr.selectors, self.config.local_ts)
-        if not ts_i or not ts_r:
+        if not ts_i or not ts_r or max(len(ts_i), len(ts_r)) > MAX_SELECTORS:
             raise Fail("traffic selectors unacceptable", NotifyType.TS_UNACCEPTABLE)
         transport = self.config.transport_mode and \
             req.notify(NotifyType.USE_TRANSPORT_MODE) is not None
@@ -451,6 +452,6 @@ class ChildExchanges(Informational):
         self.state = State.REKEYED
         self._hand_over_tasks(winner, now)
         if delete_old:
-            self._enqueue(("delete-ike", True), now)
+            self._enqueue(("delete-ike", True), now, internal=True)
         else:
             self._delete_deadline = now + self.config.give_up_after()

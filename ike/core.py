@@ -267,8 +267,11 @@ class IkeSaCore:
         self._cached = CachedResponse(msg.message_id, hashlib.sha256(msg.raw).digest(), data)
         self._outbox.append((data, addr))
 
-    def _enqueue(self, task: Task, now: float, front: bool = False) -> None:
-        if len(self._queue) >= self.config.max_queued_exchanges:
+    def _enqueue(self, task: Task, now: float, front: bool = False,
+                 internal: bool = False) -> None:
+        """Queue a request; the daemon's requests are bounded, our own follow-ups (retries,
+        deletes after rekeys: at most a few per Child SA) are not refused."""
+        if not internal and len(self._queue) >= self.config.max_queued_exchanges:
             raise RuntimeError(f"{self!r}: {len(self._queue)} requests already queued")
         if front:
             self._queue.appendleft(task)
@@ -375,7 +378,7 @@ class IkeSaCore:
         due = [r for r in self._retries if r[0] <= now]
         self._retries = [r for r in self._retries if r[0] > now]
         for _, task in due:
-            self._enqueue(task, now)
+            self._enqueue(task, now, internal=True)
         for child in list(self._children.values()):
             if child.delete_deadline is not None and now >= child.delete_deadline:
                 child.delete_deadline = None

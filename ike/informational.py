@@ -48,7 +48,7 @@ class Informational(IkeSaCore):
         if child is None or child.state is ChildState.DELETING or \
                 self._queued("delete-child", inbound_spi):
             return
-        self._enqueue(("delete-child", inbound_spi), now)
+        self._enqueue(("delete-child", inbound_spi), now, internal=True)
 
     def _start_delete_child(self, spi: bytes, now: float) -> None:
         child = self._children.get(spi)
@@ -62,7 +62,7 @@ class Informational(IkeSaCore):
 
     def _queue_delete_spis(self, inbound_spis: list[bytes], now: float) -> None:
         """Delete SAs the peer installed but we refused (no local state to clean)."""
-        self._enqueue(("delete-spis", list(inbound_spis)), now)
+        self._enqueue(("delete-spis", list(inbound_spis)), now, internal=True)
 
     def _start_delete_spis(self, spis: list[bytes], now: float) -> None:
         if self.state is State.ESTABLISHED:

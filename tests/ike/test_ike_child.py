@@ -280,3 +280,13 @@ def test_requests_name_a_pair_by_either_spi() -> None:
     net.i.sa.delete_child(new.outbound_spi, net.now)
     net.pump()
     assert net.i.sa.child_sas == [] and net.r.sa.child_sas == []
+
+
+def test_too_many_narrowed_selectors_refused_not_crashing() -> None:
+    net = Net.established(r_over={"remote_ts": [ts("10.1.0.0/16"), ts("10.1.0.0/17")]})
+    first_established(net)
+    many = [ts(f"10.1.{n}.0/24") for n in range(200)]
+    net.i.sa.create_child(net.now, local_ts=many)  # 400 intersections: more than fit
+    net.pump()
+    (failed,) = net.i.take(ChildSaFailed)
+    assert failed.notify == NotifyType.TS_UNACCEPTABLE and net.r.sa.state.value == "established"
