@@ -135,7 +135,7 @@ _DATAPATH_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 # Inclusive bounds of the integer settings (and the keepalive interval).
 _DATAPATH_RANGES: dict[str, tuple[float, float]] = {
-    "path_mtu": (576, 65535), "udp_port": (1, 65535), "keepalive_interval": (1, 3600),
+    "path_mtu": (700, 65535), "udp_port": (1, 65535), "keepalive_interval": (1, 3600),
     "acquire_queue": (0, 4096), "fwmark": (1, 0xFFFFFFFF), "table": (1, 0xFFFFFFFF),
 }
 

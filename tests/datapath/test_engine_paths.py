@@ -1,0 +1,243 @@
+"""The engine's packet paths, two datapaths back to back over loopback UDP (no root needed)."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from datapath.encap import NON_ESP_MARKER
+from datapath.ippacket import parse
+from datapath.outbound import Outbound
+from tests.datapath.engine_helpers import (
+    KEY_A,
+    KEY_B,
+    LEFT,
+    NOW,
+    RIGHT,
+    Side,
+    connected_pair,
+    make_side,
+    tunnel_scripts,
+    udp_packet,
+)
+from userspace_ipsec.kernel import Audience
+from userspace_ipsec.pfkey.constants import ExtType, MsgType
+
+
+def sealed_datagrams(left: Side, right: Side, *packets: bytes) -> list[bytes]:
+    """Let left seal packets and take the ESP datagrams off right's socket ourselves."""
+    left.send(*packets)
+    right.udp.sock.settimeout(2)
+    try:
+        return [right.udp.sock.recv(65535) for _ in packets]
+    finally:
+        right.udp.sock.setblocking(False)
+
+
+def sa(side: Side, spi: int, dst: str) -> object:
+    from ipaddress import ip_address
+
+    found = side.kernel.sad.get(ip_address(dst), 3, spi)
+    assert found is not None
+    return found
+
+
+def test_tunnel_round_trip_counts_per_sa_and_globally() -> None:
+    left, right = connected_pair()
+    packets = [udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * (50 + i)) for i in range(5)]
+    left.send(*packets)
+    right.receive()
+    assert right.tun.sent == packets
+    out = sa(left, 0x1001, RIGHT)
+    inn = sa(right, 0x1001, RIGHT)
+    assert out.packets_out == inn.packets_in == 5  # type: ignore[attr-defined]
+    assert out.bytes_out == inn.bytes_in == sum(map(len, packets))  # type: ignore[attr-defined]
+    assert left.dp.stats()["sealed"] == 5 and right.dp.stats()["opened"] == 5
+    # The reply goes back through the other SA.
+    reply = udp_packet("10.4.0.2", "10.1.0.2", b"pong")
+    right.send(reply)
+    left.receive()
+    assert left.tun.sent == [reply]
+
+
+def test_replay_forgery_unknown_spi_and_malformed_are_counted() -> None:
+    left, right = connected_pair()
+    first, second = sealed_datagrams(left, right, udp_packet("10.1.0.2", "10.4.0.2"),
+                                     udp_packet("10.1.0.2", "10.4.0.2"))
+    inbound = right.dp.inbound
+    assert inbound is not None
+    inbound.process([first, first], NOW)
+    forged = bytearray(second)
+    forged[-5] ^= 0x01
+    inbound.process([bytes(forged), b"\x00\x00\xbe\xef" + second[4:], second[:12]], NOW)
+    stats = right.dp.stats()
+    assert (stats["opened"], stats["replay"], stats["auth_failures"], stats["no_sa"],
+            stats["malformed"]) == (1, 1, 1, 1, 1)
+    sa_in = sa(right, 0x1001, RIGHT)
+    assert sa_in.replay_drops == 1 and sa_in.auth_failures == 1  # type: ignore[attr-defined]
+    inbound.process([second], NOW)  # the forgery did not move the window
+    assert right.dp.stats()["opened"] == 2
+
+
+def test_inner_packet_outside_the_inbound_policy_is_dropped() -> None:
+    left, right = connected_pair()
+    # left also tunnels 10.1.0.0/24 -> 10.9.0.0/24 through the same SA; right never allowed it.
+    left.setkey(f"spdadd 10.1.0.0/24 10.9.0.0/24 any -P out ipsec "
+                f"esp/tunnel/{LEFT}[{left.port}]-{RIGHT}[{right.port}]/require;\n")
+    left.send(udp_packet("10.1.0.2", "10.9.0.2"))
+    right.receive()
+    assert right.tun.sent == []
+    assert right.dp.stats()["policy_mismatch"] == 1
+
+
+def test_no_policy_and_discard_are_counted() -> None:
+    left, right = connected_pair()
+    left.setkey("spdadd 10.1.0.0/24 10.7.0.0/24 any -P out discard;\n")
+    left.send(udp_packet("10.1.0.2", "10.7.0.2"), udp_packet("10.1.0.2", "10.8.0.2"),
+              b"\x45garbage")
+    stats = left.dp.stats()
+    assert (stats["discard"], stats["no_policy"], stats["malformed"], stats["sealed"]) == \
+        (1, 1, 1, 0)
+
+
+def test_acquire_holds_packets_until_the_sa_arrives() -> None:
+    left, right = make_side(LEFT, acquire_queue=2), make_side(RIGHT)
+    l_policies, _ = tunnel_scripts(left, right, with_sas=False)
+    l_full, r_full = tunnel_scripts(left, right)
+    left.setkey(l_policies)
+    right.setkey(r_full)
+    left.register()
+    packets = [udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * 20) for i in range(3)]
+    left.send(*packets)
+    acquires = [d for d in left.deliveries if d.message and d.message.type == MsgType.ACQUIRE]
+    assert len(acquires) == 1 and acquires[0].audience is Audience.REGISTERED  # rate-limited
+    stats = left.dp.stats()
+    assert (stats["queued"], stats["queue_drops"], stats["held_packets"]) == (3, 1, 2)
+    left.setkey("\n".join(line for line in l_full.splitlines() if line.startswith("add")))
+    right.receive()
+    assert right.tun.sent == packets[1:]  # the oldest was pushed out of the queue
+    assert left.dp.stats()["queue_flushed"] == 2
+
+
+def test_oversized_packet_with_df_gets_frag_needed_into_the_tun() -> None:
+    left, right = connected_pair(path_mtu=800)
+    big = udp_packet("10.1.0.2", "10.4.0.2", b"z" * 760, df=True)
+    left.send(big)
+    assert left.dp.stats()["ptb_sent"] == 1
+    (icmp,) = left.tun.sent
+    info = parse(icmp)
+    assert (info.proto, info.sport, info.dport) == (1, 3, 4)  # ICMP frag needed
+    assert info.dst == socket.inet_aton("10.1.0.2")
+    ctx = left.dp.table.context(sa(left, 0x1001, RIGHT))  # type: ignore[arg-type]
+    assert ctx is not None
+    mtu = struct.unpack_from("!H", icmp, info.l4_offset + 6)[0]
+    assert mtu == 800 - 28 - ctx.transform.max_overhead
+    # Without DF the packet goes out (the outer packet is fragmented by the kernel).
+    left.send(udp_packet("10.1.0.2", "10.4.0.2", b"z" * 760))
+    assert left.dp.stats()["sealed"] == 1
+
+
+def test_transport_mode_round_trip() -> None:
+    left, right = make_side(LEFT), make_side(RIGHT)
+    lp, rp = f"[{left.port}]", f"[{right.port}]"
+    sas = (f"add {LEFT}{lp} {RIGHT}{rp} esp-udp 0x2001 -m transport -r 64 -E aes-gcm-16 {KEY_A};"
+           f"\nadd {RIGHT}{rp} {LEFT}{lp} esp-udp 0x2002 -m transport -r 64 "
+           f"-E aes-gcm-16 {KEY_B};\n")
+    left.setkey(sas + f"spdadd {LEFT} {RIGHT} udp -P out ipsec esp/transport//require;\n")
+    right.setkey(sas + f"spdadd {LEFT} {RIGHT} udp -P in ipsec esp/transport//require;\n")
+    pkt = udp_packet(LEFT, RIGHT, b"transport payload")
+    left.send(pkt)
+    right.receive()
+    (got,) = right.tun.sent
+    info = parse(got)
+    assert (info.src, info.dst, info.proto) == (socket.inet_aton(LEFT), socket.inet_aton(RIGHT),
+                                                17)
+    assert got[info.l4_offset:] == pkt[20:]
+
+
+def test_soft_byte_lifetime_reports_expire_once() -> None:
+    left, right = make_side(LEFT), make_side(RIGHT)
+    l_script, r_script = tunnel_scripts(left, right, soft_bytes=1000)
+    left.setkey(l_script)
+    right.setkey(r_script)
+    left.register()
+    for _ in range(4):
+        left.send(udp_packet("10.1.0.2", "10.4.0.2", b"p" * 400))
+    expires = [d for d in left.deliveries if d.message and d.message.type == MsgType.EXPIRE]
+    assert len(expires) == 1
+    assert ExtType.LIFETIME_SOFT in expires[0].message.ext  # type: ignore[union-attr]
+    assert left.dp.stats()["sealed"] == 4  # a soft expiry does not stop the SA
+
+
+def test_sequence_exhaustion_hard_expires_the_sa() -> None:
+    left, right = connected_pair()
+    left.register()
+    out = sa(left, 0x1001, RIGHT)
+    ctx = left.dp.table.context(out)  # type: ignore[arg-type]
+    assert ctx is not None
+    ctx.transform._next_seq = 0xFFFFFFFF  # the last sequence number without ESN
+    left.send(udp_packet("10.1.0.2", "10.4.0.2"), udp_packet("10.1.0.2", "10.4.0.2"))
+    stats = left.dp.stats()
+    assert (stats["sealed"], stats["seq_exhausted"]) == (1, 1)
+    assert out not in left.kernel.sad
+    expires = [d for d in left.deliveries if d.message and d.message.type == MsgType.EXPIRE]
+    assert len(expires) == 1 and ExtType.LIFETIME_HARD in expires[0].message.ext  # type: ignore[union-attr]
+    left.send(udp_packet("10.1.0.2", "10.4.0.2"))  # no SA now: held, ACQUIRE
+    assert left.dp.stats()["queued"] == 1
+
+
+def test_sa_replaced_gets_a_new_transform() -> None:
+    left, right = connected_pair()
+    left.send(udp_packet("10.1.0.2", "10.4.0.2"))
+    right.receive()
+    old = sa(right, 0x1001, RIGHT)
+    right.setkey(f"delete {LEFT}[{left.port}] {RIGHT}[{right.port}] esp-udp 0x1001;\n")
+    left.send(udp_packet("10.1.0.2", "10.4.0.2"))
+    right.receive()
+    assert right.dp.stats()["no_sa"] == 1
+    assert old not in right.dp.table.contexts
+
+
+def test_ike_hook_keepalives_and_marker() -> None:
+    left, right = connected_pair(keepalive_interval=20)
+    got: list[tuple[bytes, tuple[object, ...], tuple[object, ...]]] = []
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    probe.bind((LEFT, 0))
+    with probe:
+        dst = (RIGHT, right.port)
+        probe.sendto(NON_ESP_MARKER + b"ike message", dst)
+        right.receive()
+        assert right.dp.stats()["ike_dropped"] == 1
+        right.dp.set_ike_handler(lambda data, peer, local: got.append((data, peer, local)))
+        probe.sendto(NON_ESP_MARKER + b"ike message", dst)
+        probe.sendto(b"\xff", dst)
+        probe.sendto(b"\x01\x02", dst)
+        right.receive()
+        assert got == [(b"ike message", probe.getsockname(), (RIGHT, right.port))]
+        stats = right.dp.stats()
+        assert (stats["ike_received"], stats["keepalives_received"], stats["malformed"]) == \
+            (1, 1, 1)
+        probe.settimeout(2)
+        assert right.dp.send_ike(b"reply", probe.getsockname())
+        assert probe.recv(100) == NON_ESP_MARKER + b"reply"
+    # Keepalives: after the interval of silence towards the peer, one 0xFF each interval.
+    left.dp.tick(NOW + 5)
+    assert left.dp.stats()["keepalives_sent"] == 0
+    left.dp.tick(NOW + 21)
+    left.dp.tick(NOW + 22)
+    right.receive()
+    assert left.dp.stats()["keepalives_sent"] == 1
+    assert right.dp.stats()["keepalives_received"] == 2
+
+
+def test_outbound_batch_larger_than_the_slots() -> None:
+    left, right = connected_pair()
+    outbound = left.dp.outbound
+    assert isinstance(outbound, Outbound)
+    packets = [udp_packet("10.1.0.2", "10.4.0.2", i.to_bytes(2, "big")) for i in range(150)]
+    outbound.process(packets, NOW)
+    assert left.dp.stats()["sealed"] == 150
+    right.receive()
+    for _ in range(5):
+        right.receive(timeout=0.2)
+    assert right.tun.sent == packets
