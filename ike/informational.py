@@ -41,6 +41,19 @@ class Informational(IkeSaCore):
             self._request(ExchangeType.INFORMATIONAL, [], now, "liveness",
                           lambda msg, inner, t: None)
 
+    def report_invalid_spi(self, spi: bytes, now: float) -> None:
+        """Tell the peer that ESP arrived for an SPI we do not know (RFC 7296 1.5, 3.10.1)."""
+        if len(spi) != 4:
+            raise ValueError("an ESP SPI is 4 bytes")
+        if self.state is State.ESTABLISHED:
+            self._enqueue(("notify", NotifyPayload(NotifyType.INVALID_SPI, spi,
+                                                   ProtocolId.ESP)), now)
+
+    def _start_notify(self, notify: NotifyPayload, now: float) -> None:
+        if self.state is State.ESTABLISHED:
+            self._request(ExchangeType.INFORMATIONAL, [notify], now, "notify",
+                          lambda msg, inner, t: None)
+
     # -- initiator ---------------------------------------------------------------------------
 
     def _queue_delete_child(self, inbound_spi: bytes, now: float) -> None:

@@ -236,6 +236,8 @@ class IkeSa(ChildExchanges):
             self._start_delete_child(arg, now)
         elif kind == "delete-spis" and isinstance(arg, list):
             self._start_delete_spis(arg, now)
+        elif kind == "notify" and isinstance(arg, NotifyPayload):
+            self._start_notify(arg, now)
         elif kind == "delete-ike":
             self._start_delete_ike(now, rekeyed=bool(arg))
         else:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import struct
 from collections.abc import Callable, Iterator
 
 from ike.config import IkeConfig
-from ike.constants import IdType
+from ike.constants import IdType, PayloadType
 from ike.core import TERMINAL, State
 from ike.events import Event, IkeSaRekeyed
+from ike.message import IkeHeader
 from ike.payloads import TrafficSelector
 from ike.proposals import parse_proposals
 from ike.sa import IkeSa
@@ -77,6 +79,17 @@ def events(sa: IkeSa) -> list:
     while (e := sa.next_event()) is not None:
         out.append(e)
     return out
+
+
+def seal_raw(sa: IkeSa, exchange: int, first: int, plaintext: bytes) -> bytes:
+    """A request protected with sa's real keys whose plaintext is arbitrary bytes."""
+    assert sa._out is not None
+    sk_len = 4 + sa._out.sealed_length(len(plaintext))
+    header = IkeHeader(sa.spi_i, sa.spi_r, PayloadType.SK, exchange, sa._flags(False),
+                       sa._next_id, 28 + sk_len).encode()
+    aad = header + struct.pack("!BBH", first, 0, sk_len)
+    sa._next_id += 1
+    return aad + sa._out.seal(plaintext, aad)
 
 
 class Side:

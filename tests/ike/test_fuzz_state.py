@@ -16,11 +16,11 @@ import random
 import struct
 from collections.abc import Callable
 
-from ike.constants import DhId, ExchangeType, NotifyType, PayloadType, ProtocolId
+from ike.constants import DhId, ExchangeType, NotifyType, ProtocolId
 from ike.core import State
 from ike.dh import new_key_exchange
 from ike.events import ChildSaDeleted, ChildSaEstablished, IkeSaDeleted, IkeSaRekeyed
-from ike.message import IkeHeader, encode_payloads
+from ike.message import encode_payloads
 from ike.payloads import (
     DeletePayload,
     KePayload,
@@ -32,7 +32,7 @@ from ike.payloads import (
 )
 from ike.proposals import parse_proposals, sa_payload
 from ike.sa import IkeSa
-from tests.ike.harness import I_ADDR, R_ADDR, Net, config, pair
+from tests.ike.harness import I_ADDR, R_ADDR, Net, config, pair, seal_raw
 
 PFS = {"esp_proposals": parse_proposals("aes128gcm16-x25519", "esp")}
 MUTANTS_PER_DATAGRAM = 520
@@ -183,17 +183,6 @@ def life_cycle(seed: int) -> int:
 def test_fuzzed_life_cycles() -> None:
     fed = sum(life_cycle(seed) for seed in range(RUNS))
     assert fed >= 100_000
-
-
-def seal_raw(sa: IkeSa, exchange: int, first: int, plaintext: bytes) -> bytes:
-    """A request protected with sa's real keys whose plaintext is arbitrary bytes."""
-    assert sa._out is not None
-    sk_len = 4 + sa._out.sealed_length(len(plaintext))
-    header = IkeHeader(sa.spi_i, sa.spi_r, PayloadType.SK, exchange, sa._flags(False),
-                       sa._next_id, 28 + sk_len).encode()
-    aad = header + struct.pack("!BBH", first, 0, sk_len)
-    sa._next_id += 1
-    return aad + sa._out.seal(plaintext, aad)
 
 
 def test_authentic_garbage_inside_sk() -> None:

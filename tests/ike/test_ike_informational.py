@@ -17,7 +17,7 @@ from ike.events import (
 from ike.message import decode_message, encode_message
 from ike.payloads import DeletePayload, NotifyPayload, Payload, UnknownPayload
 from ike.proposals import parse_proposals
-from tests.ike.harness import Net, pair
+from tests.ike.harness import Net, pair, seal_raw
 from tests.ike.test_ike_child import inner_of
 
 PFS_I = {"esp_proposals": parse_proposals("aes128gcm16-x25519", "esp")}
@@ -285,3 +285,23 @@ def test_no_key_material_in_reprs() -> None:
         for e in side.events:
             if isinstance(e, ChildSaEstablished):
                 assert e.encr_in.hex() not in repr(e) and e.encr_out.hex() not in repr(e)
+
+
+def test_invalid_spi_reported_to_the_peer() -> None:
+    net = Net.established()
+    net.r.sa.report_invalid_spi(b"\x0b\xad\x5b\x1d", net.now)
+    net.pump()
+    (notice,) = net.i.take(PeerNotify)
+    assert notice.notify_type == NotifyType.INVALID_SPI and notice.data == b"\x0b\xad\x5b\x1d"
+    assert net.i.sa.state is State.ESTABLISHED and not net.r.sa.busy
+
+
+def test_authentic_malformed_request_gets_invalid_syntax() -> None:
+    net = Net.established()
+    data = seal_raw(net.i.sa, ExchangeType.INFORMATIONAL, 41, b"\x00\x00\x00\x02")
+    net.deliver("i", data)
+    (resp,) = net.outgoing("r")
+    assert inner_of(net, "r", resp).notify(NotifyType.INVALID_SYNTAX) is not None
+    assert net.r.sa.state is State.ESTABLISHED
+    net.i.sa.check_liveness(net.now)
+    assert net.pump() == 2
