@@ -170,7 +170,14 @@ class ChildExchanges(Informational):
         if self.state is not State.ESTABLISHED:
             return
         if not ctx.new_spi:
-            ctx.new_spi = self._allocate_spi()
+            spi = self._new_spi()
+            if spi is None:
+                old = self._children.get(ctx.rekey_of) if ctx.rekey_of is not None else None
+                if old is not None and old.state is ChildState.REKEYING:
+                    old.state = ChildState.INSTALLED
+                self._emit(ChildSaFailed("no inbound SPI available", None, ctx.rekey_of))
+                return
+            ctx.new_spi = spi
         ctx.nonce = self._random(NONCE_BYTES)
         ctx.kex = new_key_exchange(ctx.group) if ctx.group != DhId.NONE else None
         inner: list[Payload] = []
@@ -309,8 +316,10 @@ class ChildExchanges(Informational):
             shared, ke_reply = self._respond_ke(req, chosen.transforms.dh)
         except Fail as fail:
             return _notify(fail.notify or NotifyType.INVALID_SYNTAX, fail.data)
+        spi = self._new_spi()
+        if spi is None:
+            return _notify(NotifyType.TEMPORARY_FAILURE)
         nr = self._random(NONCE_BYTES)
-        spi = self._allocate_spi()
         reply: list[Payload] = [NotifyPayload(NotifyType.USE_TRANSPORT_MODE)] if transport \
             else []
         reply += [SaPayload([chosen.proposal(spi)]), NoncePayload(nr), *ke_reply,

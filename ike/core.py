@@ -111,7 +111,7 @@ class Fail(Exception):
         self.data = data
 
 
-def _random_spi(random: Callable[[int], bytes]) -> Callable[[], bytes]:
+def _random_spi(random: Callable[[int], bytes]) -> Callable[[], bytes | None]:
     def allocate() -> bytes:
         for _ in range(64):
             spi = random(4)
@@ -126,7 +126,7 @@ class IkeSaCore:
 
     def _init_core(self, config: IkeConfig, initiator: bool, local_addr: Address,
                    remote_addr: Address, random: Callable[[int], bytes],
-                   spi_allocator: Callable[[], bytes] | None) -> None:
+                   spi_allocator: Callable[[], bytes | None] | None) -> None:
         self.config = config
         self.initiator = initiator  # original initiator of this IKE SA (the I flag)
         self.local_addr = local_addr
@@ -192,6 +192,13 @@ class IkeSaCore:
         self._prf = Prf.for_id(suite.prf_alg.id)
         self._keys = derive_ike_keys(suite, seed, ni, nr, self.spi_i, self.spi_r)
         self._out, self._in = ike_sa_ciphers(suite, self._keys, self.initiator)
+
+    def _new_spi(self) -> bytes | None:
+        """A fresh inbound ESP SPI, or None when the allocator has none (or gives junk)."""
+        spi = self._allocate_spi()
+        if spi is None or len(spi) != 4 or spi in self._children:
+            return None
+        return spi
 
     def _resolve_child(self, spi: bytes) -> bytes:
         """The inbound SPI of the pair that `spi` names in either direction (a PF_KEY

@@ -91,9 +91,10 @@ class IkeSa(ChildExchanges):
     def __init__(self, config: IkeConfig, *, initiator: bool, local_addr: Address,
                  remote_addr: Address, child_spi: bytes,
                  random: Callable[[int], bytes] = os.urandom,
-                 spi_allocator: Callable[[], bytes] | None = None) -> None:
+                 spi_allocator: Callable[[], bytes | None] | None = None) -> None:
         """`child_spi` is our inbound ESP SPI for the first Child SA; `spi_allocator` gives
-        the inbound SPIs of later ones (default: random, e.g. plug in a GETSPI pool)."""
+        the inbound SPIs of later ones (default: random; e.g. plug in a GETSPI pool, and return
+        None when it is empty: requests then fail with TEMPORARY_FAILURE / ChildSaFailed)."""
         if len(child_spi) != 4:
             raise ValueError("child_spi must be the 4-byte inbound ESP SPI")
         self._init_core(config, initiator, local_addr, remote_addr, random, spi_allocator)

@@ -290,3 +290,18 @@ def test_too_many_narrowed_selectors_refused_not_crashing() -> None:
     net.pump()
     (failed,) = net.i.take(ChildSaFailed)
     assert failed.notify == NotifyType.TS_UNACCEPTABLE and net.r.sa.state.value == "established"
+
+
+def test_spi_allocator_running_dry() -> None:
+    net = Net.established()
+    ic, _ = first_established(net)
+    net.r.sa._allocate_spi = lambda: None
+    net.i.sa.create_child(net.now)
+    net.pump()
+    (failed,) = net.i.take(ChildSaFailed)
+    assert failed.notify == NotifyType.TEMPORARY_FAILURE
+    net.i.sa._allocate_spi = lambda: b"\x01"  # junk counts as none
+    net.i.sa.rekey_child(ic.inbound_spi, net.now)
+    (failed,) = net.i.take(ChildSaFailed)
+    assert failed.reason == "no inbound SPI available" and failed.rekey_of == ic.inbound_spi
+    assert net.i.sa.child_sas[0].state is ChildState.INSTALLED and not net.i.sa.busy
