@@ -1,9 +1,11 @@
-"""``uipsec daemon``: the process that plays the kernel (and, later, the IKE daemon).
+"""``uipsec daemon``: the process that plays the kernel, and the IKE daemon when configured.
 
 A thin asyncio adapter: it owns the run directory, serves the PF_KEY socket in front of the
-sans-IO Kernel, runs the ESP datapath (TUN, UDP 4500, raw ESP) unless told not to, and wakes the
-Kernel when its next lifetime deadline is due. It runs in the foreground (systemd-friendly),
-stops cleanly on SIGTERM/SIGINT and removes its sockets, routes and TUN.
+sans-IO Kernel, runs the ESP datapath (TUN, UDP 4500, raw ESP) unless told not to, wakes the
+Kernel when its next lifetime deadline is due, and answers the control socket. When the
+configuration has IKE connections it runs the IKE service too, which keys the Kernel through
+PF_KEY like any other client (racoon's way). It runs in the foreground (systemd-friendly), stops
+cleanly on SIGTERM/SIGINT (removing its sockets, routes and TUN) and reloads on SIGHUP.
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Config, DaemonConfig
+from .config import Config, ConfigError, DaemonConfig
+from .control import ControlError, ControlServer
 from .kernel import Delivery, Kernel, KernelOptions
 from .pfkey.server import PfkeyServer
 from .rundir import RunDir, RunDirLock
 
 if TYPE_CHECKING:
     from datapath.engine import Datapath
+    from ike.connections import Connections
+    from ike.service import IkeService
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +51,7 @@ class _Server(PfkeyServer):
 
 class Daemon:
     def __init__(self, run_dir: Path, config: Config | None = None, *,
-                 datapath: bool = True) -> None:
+                 datapath: bool = True, connections: Connections | None = None) -> None:
         self.run_dir = RunDir(run_dir)
         self.config = config or Config(daemon=DaemonConfig())
         daemon_config = self.config.daemon
@@ -66,6 +71,20 @@ class Daemon:
 
             self.datapath = Datapath(self.kernel, self.config.datapath,
                                      lambda d: self.pfkey.dispatch(None, d))
+        self.control = ControlServer(self.run_dir.control_socket)
+        self.control.register("stats", lambda _args: self.stats())
+        self.ike: IkeService | None = None
+        if connections is not None and connections.connections:
+            from ike.service import IkeService
+
+            # Without a datapath the service binds UDP 4500 itself.
+            dp = self.datapath
+            self.ike = IkeService(
+                self.run_dir.pfkey_socket, self.config, connections=connections,
+                natt_send=dp.send_ike if dp is not None else None,
+                natt_register=dp.set_ike_handler if dp is not None else None,
+            )
+        self.control.register("reload", lambda _args: self.reload())
         self._lock = RunDirLock(self.run_dir)
         self._stop = asyncio.Event()
 
@@ -77,6 +96,8 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGUSR1, self._log_stats)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_in_background)
+        timer: asyncio.Task[None] | None = None
         try:
             await self.pfkey.start()
             log.info("daemon: serving PF_KEY on %s", self.run_dir.pfkey_socket)
@@ -84,22 +105,64 @@ class Daemon:
                 self.datapath.start(loop)
                 self.pfkey.after_dispatch = self.datapath.sync
             timer = asyncio.create_task(self._timer_loop())
+            await self.control.start()
+            if self.ike is not None:
+                from ike.control_cmds import register
+
+                await self.ike.start()
+                register(self.control, self.ike)
+                log.info("daemon: IKE service running (%d connections)",
+                         len(self.ike.connections.connections))
             await self._stop.wait()
-            timer.cancel()
             log.info("daemon: stopping")
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            await self.control.close()
+            if self.ike is not None:
+                await self.ike.close()  # deletes towards peers, removes its SAs and policies
+            if timer is not None:
+                timer.cancel()
             self.pfkey.after_dispatch = None
             if self.datapath is not None:
                 self.datapath.close()
             await self.pfkey.close()
             self._lock.release()
 
-    def _log_stats(self) -> None:
-        """SIGUSR1: one log line with the datapath's counters (until ``uipsec stats`` exists)."""
+    def stats(self) -> dict[str, object]:
+        """The ``stats`` control command: every part's global counters."""
+        result: dict[str, object] = {
+            "pfkey": {
+                "sas": len(self.kernel.sad),
+                "policies": len(self.kernel.spd),
+                **{k: getattr(self.pfkey.stats, k) for k in self.pfkey.stats.__slots__},
+            },
+        }
         if self.datapath is not None:
-            log.warning("datapath stats: %s", json.dumps(self.datapath.stats(), sort_keys=True))
+            result["datapath"] = self.datapath.stats()
+        if self.ike is not None:
+            result["ike"] = dict(self.ike.counters)
+        return result
+
+    async def reload(self) -> dict[str, list[str]]:
+        """SIGHUP / ``uipsec reload``: re-read the configuration; unchanged tunnels stay up."""
+        if self.ike is None:
+            raise ControlError("no IKE connections were configured at start: nothing to reload")
+        try:
+            result = await self.ike.reload()
+        except ConfigError as exc:
+            log.error("daemon: reload refused: %s", exc)
+            raise ControlError(f"reload refused: {exc}") from exc
+        log.info("daemon: reloaded %s", self.config.source)
+        return result
+
+    def _reload_in_background(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    def _log_stats(self) -> None:
+        """SIGUSR1: one log line with every part's counters."""
+        log.warning("daemon stats: %s", json.dumps(self.stats(), sort_keys=True))
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,11 +1,13 @@
-"""``uipsec demo``: a manually keyed ESP tunnel between two gateways in network namespaces.
+"""``uipsec demo``: an ESP tunnel between two gateways in network namespaces.
 
-    hostL 10.1.0.2 — gwL ==== ESP tunnel (UDP 4500) ==== gwR — hostR 10.4.0.2
+    hostL 10.1.0.2 — gwL ==== ESP tunnel ==== gwR — hostR 10.4.0.2
 
-Each gateway runs its own daemon (own run directory) and loads a setkey script; hostL pings
-hostR through the tunnel, and the gateways' SAs are shown with their counters. Everything the
-demo made (namespaces, daemons, run directories) is removed at the end, also on Ctrl-C or failure.
-The scripts are the ones in examples/manual-keying/, with fresh random keys.
+Each gateway runs its own daemon (own run directory). By default the daemons negotiate the
+tunnel with IKEv2 and a fresh random pre-shared key (gwL initiates); with ``manual`` keying each
+loads a setkey script instead (the ones in examples/manual-keying/, with fresh random keys).
+hostL pings hostR through the tunnel, and the gateways' IKE status and SAs are shown with their
+counters. Everything the demo made (namespaces, daemons, run directories) is removed at the
+end, also on Ctrl-C or failure.
 """
 
 from __future__ import annotations
@@ -81,6 +83,34 @@ def render_script(end: TunnelEnd) -> str:
     return _SCRIPT.format(**{f: getattr(end, f) for f in end.__dataclass_fields__})
 
 
+_IKE_CONFIG = """\
+# IKEv2 with a pre-shared key between two gateways: {local_lan} <-> {remote_lan}.
+[connections.demo]
+local_addrs = ["{local}"]
+remote_addrs = ["{remote}"]
+local_id = "{local}"
+remote_id = "{remote}"
+proposals = ["aes128gcm16-prfsha256-x25519"]
+dpd_delay = 10
+
+[connections.demo.children.lan]
+local_ts = ["{local_lan}"]
+remote_ts = ["{remote_lan}"]
+esp_proposals = ["aes128gcm16"]
+start_action = "{start_action}"
+
+[secrets.psk.demo]
+id = ["{local}", "{remote}"]
+secret = "0x{psk}"
+"""
+
+
+def render_ike_config(end: TunnelEnd, psk: str, initiator: bool) -> str:
+    return _IKE_CONFIG.format(local=end.local, remote=end.remote, local_lan=end.local_lan,
+                              remote_lan=end.remote_lan, psk=psk,
+                              start_action="start" if initiator else "none")
+
+
 def _wait_for(path: Path, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -96,9 +126,12 @@ def _cli(*args: str) -> list[str]:
 
 
 class Demo:
-    def __init__(self, say: Callable[[str], None], pings: int = 3) -> None:
+    def __init__(self, say: Callable[[str], None], pings: int = 3, keying: str = "ike") -> None:
+        if keying not in ("ike", "manual"):
+            raise ValueError(f"keying must be 'ike' or 'manual', not {keying!r}")
         self.say = say
         self.pings = pings
+        self.keying = keying
 
     def run(self) -> bool:
         workdir = Path(tempfile.mkdtemp(prefix="uipsec-demo-"))
@@ -114,21 +147,33 @@ class Demo:
         topo = build_topology(lab)
         left, right = tunnel_ends(topo.gw_l_wan.ip4, topo.gw_r_wan.ip4, "10.1.0.0/24",
                                   "10.4.0.0/24")
+        psk = os.urandom(32).hex()
         run_dirs = {}
-        for gw, end in ((topo.gw_l, left), (topo.gw_r, right)):
+        # The responder first, so that the initiator's first IKE_SA_INIT finds it listening.
+        for gw, end in ((topo.gw_r, right), (topo.gw_l, left)):
             run_dir = workdir / gw.role
             run_dirs[gw.role] = run_dir
+            args = ["--run-dir", str(run_dir), "daemon"]
+            if self.keying == "ike":
+                config = workdir / f"{gw.role}.toml"
+                config.touch(mode=0o600)  # it holds the PSK
+                config.write_text(render_ike_config(end, psk, initiator=gw is topo.gw_l))
+                args += ["--config", str(config)]
             log = open(workdir / f"{gw.role}.log", "wb")  # noqa: SIM115 (closed with the dir)
-            proc = gw.spawn(*_cli("--run-dir", str(run_dir), "daemon"), stdout=log, stderr=log)
+            proc = gw.spawn(*_cli(*args), stdout=log, stderr=log)
             _wait_for(run_dir / "pfkey.sock", proc)
             self.say(f"{gw.role}: daemon running (pid {proc.pid}, run dir {run_dir})")
-            script = workdir / end.name
-            script.write_text(render_script(end))
-            gw.exec(*_cli("--run-dir", str(run_dir), "setkey", "-k", "-f", str(script)))
-            self.say(f"{gw.role}: loaded {end.name}: 2 SAs, 3 policies")
-
-        ok = self._ping(topo)
+            if self.keying == "manual":
+                script = workdir / end.name
+                script.write_text(render_script(end))
+                gw.exec(*_cli("--run-dir", str(run_dir), "setkey", "-k", "-f", str(script)))
+                self.say(f"{gw.role}: loaded {end.name}: 2 SAs, 3 policies")
+        ok = self.keying != "ike" or self._wait_for_ike(run_dirs["gwL"])
+        ok = ok and self._ping(topo)
         for role, run_dir in run_dirs.items():
+            if self.keying == "ike":
+                self.say(f"\n{role}: uipsec status")
+                self.say(_cli_output(run_dir, "status"))
             self.say(f"\n{role}: uipsec sa list")
             self.say(_sa_table(run_dir))
         if not ok:
@@ -137,16 +182,32 @@ class Demo:
                          (workdir / f"{role}.log").read_text(errors="replace")[-3000:])
         return ok
 
+    def _wait_for_ike(self, run_dir: Path, timeout: float = 30.0) -> bool:
+        """Until gwL's connection is up (it initiates as soon as its daemon starts)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "ESTABLISHED" in _cli_output(run_dir, "status"):
+                self.say("gwL: IKEv2 SA and Child SA established with gwR")
+                return True
+            time.sleep(0.2)
+        self.say(f"gwL: the IKE SA was not established within {timeout:.0f} s")
+        return False
+
     def _ping(self, topo: Topology) -> bool:
         src: Netns = topo.host_l
         dst = topo.host_r_lan.ip4
         self.say(f"\nping {dst} from hostL through the tunnel:")
-        # The first packet may wait for the route into the TUN to settle; allow a retry.
         rtts = src.ping(dst, count=self.pings, timeout=2.0)
         for i, rtt in enumerate(rtts, 1):
             self.say(f"  reply from {dst}: icmp_seq={i} time={rtt:.2f} ms")
         self.say(f"  {self.pings} packets transmitted, {len(rtts)} received")
         return len(rtts) == self.pings
+
+
+def _cli_output(run_dir: Path, *args: str) -> str:
+    proc = subprocess.run(_cli("--run-dir", str(run_dir), *args), capture_output=True,
+                          text=True, timeout=30)
+    return (proc.stdout + proc.stderr).rstrip()
 
 
 def _sa_table(run_dir: Path) -> str:

@@ -7,22 +7,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from userspace_ipsec.demo import DEMO_PREFIX, render_script, tunnel_ends
 from userspace_ipsec.lab import check_prerequisites, list_namespaces
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "manual-keying"
 
 
-def test_demo_pings_through_the_tunnel_and_leaves_nothing_behind() -> None:
+@pytest.mark.parametrize("keying", ["ike", "manual"])
+def test_demo_pings_through_the_tunnel_and_leaves_nothing_behind(keying: str) -> None:
     check_prerequisites()  # fails (never skips) without root, ip, nft or /dev/net/tun
     before = set(list_namespaces(DEMO_PREFIX))
     proc = subprocess.run(
-        [sys.executable, "-m", "userspace_ipsec.cli", "demo", "--pings", "3"],
+        [sys.executable, "-m", "userspace_ipsec.cli", "demo", "--pings", "3",
+         "--keying", keying],
         capture_output=True, text=True, timeout=180,
     )
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "3 packets transmitted, 3 received" in out
+    if keying == "ike":
+        assert out.count(": ESTABLISHED,") == 2  # uipsec status on both gateways
+        assert out.count("lan: INSTALLED, TUNNEL") == 2
     assert "demo: success" in out
     # Every SA row shows traffic: inbound on one SA, outbound on the other, on both gateways.
     rows = re.findall(r"^0x[0-9a-f]{8}\s+tunnel\s+\S+\s+\S+\s+aes-gcm-16\s+(\d+)/(\d+)", out,

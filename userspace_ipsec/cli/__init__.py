@@ -50,12 +50,15 @@ def main(ctx: click.Context, run_dir: Path, verbose: int) -> None:
 @click.pass_obj
 def daemon(obj: Context, config_path: Path | None, no_datapath: bool) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT."""
-    from .. import config as config_mod
+    from ike import connections as ike_connections
+
     from ..daemon import Daemon
     from ..rundir import RunDirError
 
+    config = connections = None
     try:
-        config = config_mod.load(config_path) if config_path else None
+        if config_path is not None:
+            config, connections = ike_connections.load(config_path)
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
     if config is not None:
@@ -63,7 +66,8 @@ def daemon(obj: Context, config_path: Path | None, no_datapath: bool) -> None:
     elif logging.getLogger().level == logging.WARNING:
         logging.getLogger().setLevel(logging.INFO)
     try:
-        asyncio.run(Daemon(obj.run_dir.path, config, datapath=not no_datapath).run())
+        asyncio.run(Daemon(obj.run_dir.path, config, datapath=not no_datapath,
+                           connections=connections).run())
     except RunDirError as exc:
         fail(str(exc))
     except OSError as exc:  # TUN, sockets or routes could not be set up
@@ -73,13 +77,15 @@ def daemon(obj: Context, config_path: Path | None, no_datapath: bool) -> None:
 @main.command()
 @click.option("--pings", type=click.IntRange(1, 100), default=3, show_default=True,
               help="Echo requests sent through the tunnel.")
-def demo(pings: int) -> None:
+@click.option("--keying", type=click.Choice(["ike", "manual"]), default="ike", show_default=True,
+              help="Negotiate with IKEv2 (PSK) or load setkey scripts (manual keys).")
+def demo(pings: int, keying: str) -> None:
     """Build two gateways in network namespaces, tunnel them, ping through, clean up."""
     from ..demo import Demo
     from ..lab import HarnessError
 
     try:
-        ok = Demo(click.echo, pings=pings).run()
+        ok = Demo(click.echo, pings=pings, keying=keying).run()
     except HarnessError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -203,6 +209,10 @@ def spd_flush(obj: Context) -> None:
         client.request(Message(type=MsgType.X_SPDFLUSH, satype=SaType.UNSPEC))
 
 
-from .setkey_cmd import setkey  # noqa: E402  (each big command lives in its own module)
+# Each big command lives in its own module.
+from .ike_cmds import COMMANDS as IKE_COMMANDS  # noqa: E402
+from .setkey_cmd import setkey  # noqa: E402
 
 main.add_command(setkey)
+for _command in IKE_COMMANDS:
+    main.add_command(_command)
