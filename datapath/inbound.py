@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from datapath.esp import DropReason, EspDrop
-from datapath.ippacket import MalformedPacket, fix_l4_checksum, ip_header, parse
+from datapath.flowkey import flow
+from datapath.ippacket import MalformedPacket, fix_l4_checksum, ip_header
 from datapath.satable import SaTable
 from datapath.stats import DatapathStats
 from datapath.tun import TunDevice
@@ -83,13 +84,13 @@ class Inbound:
                     stats.malformed += 1
                     continue
             try:
-                info = parse(inner)
+                _, src, dst, proto, sport, dport, _ = flow(inner)
             except MalformedPacket:
                 stats.malformed += 1
                 continue
-            policy = lookup(_IN, info.src, info.dst, info.proto, info.sport, info.dport)
+            policy = lookup(_IN, src, dst, proto, sport, dport)
             if policy is None or policy.action != _IPSEC or not satisfies(sa, policy):
-                policy = lookup(_FWD, info.src, info.dst, info.proto, info.sport, info.dport)
+                policy = lookup(_FWD, src, dst, proto, sport, dport)
                 if policy is None or policy.action != _IPSEC or not satisfies(sa, policy):
                     stats.policy_mismatch += 1
                     continue
@@ -103,8 +104,9 @@ class Inbound:
             else:
                 stats.tun_write_errors += 1
         stats.opened += delivered
-        for sa in set(marked):
-            self.deliver(self.kernel.note_traffic(sa, now))
+        if marked:
+            for sa in set(marked):
+                self.deliver(self.kernel.note_traffic(sa, now))
 
     def _rebuild(self, src: bytes, dst: bytes, proto: int, size: int, natt: bool) -> Buffer:
         """Transport mode: the SA's addresses around the payload now at buf[_HEADROOM:]."""

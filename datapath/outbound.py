@@ -17,12 +17,12 @@ from collections.abc import Callable, Sequence
 from ipaddress import ip_address
 
 from datapath.esp import SequenceExhausted
+from datapath.flowkey import flow
 from datapath.ippacket import (
     MalformedPacket,
     icmp_error_allowed,
     icmp_frag_needed,
     icmpv6_packet_too_big,
-    parse,
     split_transport,
 )
 from datapath.satable import SaContext, SaTable, outbound_sa
@@ -41,14 +41,17 @@ SLOT_SIZE = 65535 + 256  # an inner packet of any size plus the ESP overhead
 
 
 class _Route:
-    """The cached answer for (policy, src, dst): context, mode, SAD generation it holds for."""
+    """The cached answer for (policy, src, dst): context, mode, SAD generation it holds for,
+    and the largest payload that surely fits the path MTU (beyond it: the exact check)."""
 
-    __slots__ = ("generation", "ctx", "tunnel")
+    __slots__ = ("generation", "ctx", "tunnel", "fits")
 
-    def __init__(self, generation: int, ctx: SaContext | None, tunnel: bool) -> None:
+    def __init__(self, generation: int, ctx: SaContext | None, tunnel: bool,
+                 path_mtu: int) -> None:
         self.generation = generation
         self.ctx = ctx
         self.tunnel = tunnel
+        self.fits = path_mtu - ctx.outer - ctx.transform.max_overhead if ctx else 0
 
 
 class Outbound:
@@ -75,7 +78,7 @@ class Outbound:
         sa = outbound_sa(self.kernel, policy, src, dst)
         ctx = self.table.context(sa) if sa is not None else None
         route = _Route(self.kernel.sad.generation, ctx,
-                       req is not None and req.mode == _TUNNEL)
+                       req is not None and req.mode == _TUNNEL, self.path_mtu)
         if len(self._routes) > 65536:
             self._routes.clear()
         self._routes[(policy, src, dst)] = route
@@ -88,22 +91,21 @@ class Outbound:
         routes = self._routes
         generation = self.kernel.sad.generation
         slots = self._slots
-        path_mtu = self.path_mtu
+        n_slots = len(slots)
         groups: dict[SaContext, list[memoryview]] = {}
         marked: list[SecurityAssociation] = []
         used = 0
         for pkt in packets:
-            if used == len(slots):  # more packets than slots: send what we have first
+            if used == n_slots:  # more packets than slots: send what we have first
                 self._send(groups, now)
                 groups = {}
                 used = 0
             try:
-                info = parse(pkt)
+                version, src, dst, proto, sport, dport, length = flow(pkt)
             except MalformedPacket:
                 stats.malformed += 1
                 continue
-            src, dst = info.src, info.dst
-            policy = lookup(_OUT, src, dst, info.proto, info.sport, info.dport)
+            policy = lookup(_OUT, src, dst, proto, sport, dport)
             if policy is None:
                 stats.no_policy += 1
                 continue
@@ -118,12 +120,11 @@ class Outbound:
                 route = self._route(policy, src, dst)
             ctx = route.ctx
             if ctx is None:
-                self._hold(policy, pkt, info.src, info.dst, info.proto, info.sport,
-                           info.dport, now)
+                self._hold(policy, pkt, src, dst, proto, sport, dport, now)
                 continue
             if route.tunnel:
-                payload: Buffer = pkt[:info.length]
-                nh = 4 if info.version == 4 else 41
+                payload: Buffer = pkt if len(pkt) == length else pkt[:length]
+                nh = 4 if version == 4 else 41
             else:
                 try:
                     split = split_transport(pkt)
@@ -132,9 +133,10 @@ class Outbound:
                     continue
                 payload, nh = split.payload, split.next_header
             tr = ctx.transform
-            if ctx.outer + tr.sealed_len(len(payload)) > path_mtu and (
-                    info.version == 6 or pkt[6] & 0x40):
-                self._too_big(pkt, info.version, path_mtu - ctx.outer - tr.max_overhead)
+            size = len(payload)
+            if size > route.fits and ctx.outer + tr.sealed_len(size) > self.path_mtu and (
+                    version == 6 or pkt[6] & 0x40):
+                self._too_big(pkt, version, route.fits)
                 continue
             out = slots[used]
             try:
@@ -151,14 +153,15 @@ class Outbound:
                 group.append(out[:end])
             sa = ctx.sa
             sa.packets_out += 1
-            sa.bytes_out += len(payload)
+            sa.bytes_out += size
             if (sa.packets_in + sa.packets_out >= sa.packet_mark
                     or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
                 marked.append(sa)
         if groups:
             self._send(groups, now)
-        for sa in set(marked):
-            self.deliver(self.kernel.note_traffic(sa, now))
+        if marked:
+            for sa in set(marked):
+                self.deliver(self.kernel.note_traffic(sa, now))
 
     def _send(self, groups: dict[SaContext, list[memoryview]], now: float) -> None:
         stats = self.stats
@@ -223,10 +226,10 @@ class Outbound:
             ready = []
             for pkt in queue:
                 try:
-                    info = parse(pkt)
+                    _, src, dst, *_ = flow(pkt)
                 except MalformedPacket:
                     continue
-                if outbound_sa(self.kernel, policy, info.src, info.dst) is not None:
+                if outbound_sa(self.kernel, policy, src, dst) is not None:
                     ready.append(pkt)
             if len(ready) == len(queue):
                 del self.held[policy]
