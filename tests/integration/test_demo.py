@@ -49,3 +49,25 @@ def test_example_scripts_are_the_demo_scripts() -> None:
                               keys=(keys[0], keys[1]))
     assert render_script(left) == left_text
     assert render_script(right) == (EXAMPLES / "right.conf").read_text()
+
+
+def test_ikev2_examples_are_the_demo_configs_and_load(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from userspace_ipsec.cli import main
+    from userspace_ipsec.demo import render_ike_config
+
+    examples = EXAMPLES.parent / "ikev2-psk"
+    psk = re.findall(r'secret = "0x([0-9a-f]{64})"', (examples / "left.toml").read_text())[0]
+    left, right = tunnel_ends("10.2.0.1", "10.2.0.2", "10.1.0.0/24", "10.4.0.0/24")
+    for name, end, initiator in (("left.toml", left, True), ("right.toml", right, False)):
+        text = (examples / name).read_text()
+        assert render_ike_config(end, psk, initiator) == text
+        copy = tmp_path / name
+        copy.touch(mode=0o600)
+        copy.write_text(text)
+        result = CliRunner().invoke(main, ["config", "check", str(copy)])
+        assert result.exit_code == 0, result.output
+        copy.chmod(0o644)  # a PSK readable by others is refused
+        result = CliRunner().invoke(main, ["config", "check", str(copy)])
+        assert result.exit_code == 2 and "chmod 600" in result.output
