@@ -7,7 +7,7 @@ import json
 import re
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from click.testing import CliRunner, Result
@@ -45,8 +45,21 @@ spdadd 203.0.113.0/24 198.51.100.0/24 tcp -P in ipsec
 \tesp/tunnel/192.0.2.3-192.0.2.1/unique:102;
 """
 
-# What the script says, SA by SA: (spi, mode, src, dst, encap, reqid, enc, integ, replay, keys).
-SAS = [
+class Sa(NamedTuple):
+    spi: int
+    mode: str
+    src: str
+    dst: str
+    encap: str | None
+    reqid: int
+    enc: str
+    integ: str | None
+    replay: int
+    keys: tuple[str, str | None]
+
+
+# What the script says, SA by SA.
+SAS = [Sa(*sa) for sa in [
     (0x1001, "transport", "192.0.2.1", "192.0.2.2", None, 0, "aes-gcm-16", None, 64,
      (GCM_1, None)),
     (0x1002, "transport", "192.0.2.2", "192.0.2.1", None, 0, "aes-cbc", "hmac-sha256", 0,
@@ -59,7 +72,7 @@ SAS = [
      None, 0, (GCM_3, None)),
     (0x6001, "transport", "2001:db8::1", "2001:db8::2", None, 0, "aes-gcm-16", None, 0,
      (GCM_6, None)),
-]
+]]
 # Policies: (direction, src, dst, upper protocol, [(mode, endpoints, level, reqid)]).
 # RFC mode (setkey's default) gives every "in" policy a "fwd" twin at level require.
 POLICIES = [
@@ -153,8 +166,8 @@ def test_setkey_dump_is_the_script(loaded: RunningDaemon) -> None:
                   for spi, mode, src, dst, encap, reqid, *_ in SAS)
     assert got == want
     algs = re.findall(r"^\t([EA]): (\S+) <(\d+) bits hidden>$", result.stdout, re.M)
-    want_algs = [("E", enc, str(len(keys[0]) * 4)) for *_, enc, _, _, keys in SAS]
-    want_algs += [("A", integ, str(len(keys[1]) * 4)) for *_, integ, _, keys in SAS if integ]
+    want_algs = [("E", sa.enc, str(len(sa.keys[0]) * 4)) for sa in SAS]
+    want_algs += [("A", sa.integ, str(len(sa.keys[1] or "") * 4)) for sa in SAS if sa.integ]
     assert sorted(algs) == sorted(want_algs)
     assert sorted(re.findall(r"replay=(\d+) ", result.stdout)) == sorted(
         str(sa[8]) for sa in SAS)

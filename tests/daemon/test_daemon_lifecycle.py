@@ -141,8 +141,8 @@ def test_policy_lifecycle(daemon: RunningDaemon) -> None:
     c.request(update)
     by_dir = {m.policy.dir: m.policy for m in c.spddump()}  # type: ignore[union-attr]
     assert set(by_dir) == {PolicyDir.OUTBOUND, PolicyDir.INBOUND}
-    assert by_dir[PolicyDir.OUTBOUND].type == PolicyType.NONE
-    assert by_dir[PolicyDir.OUTBOUND].priority == 20
+    assert by_dir[PolicyDir.OUTBOUND].type == PolicyType.NONE  # type: ignore[union-attr]
+    assert by_dir[PolicyDir.OUTBOUND].priority == 20  # type: ignore[union-attr]
     assert [m.seq for m in c.spddump()] == [1, 0]
 
     # X_SPDDELETE by selector, X_SPDDELETE2 by id.
