@@ -13,7 +13,8 @@ strongSwan case.
 
 Cases: ``bare`` (plain routing over veth, no IPsec: the ceiling), ``strongswan`` (charon with
 kernel-libipsec on both gateways: the reference) and ``ours`` (``uipsec daemon`` on both
-gateways, AES-GCM-128 SAs loaded with ``uipsec setkey``: raw ESP, or ESP in UDP 4500 with --nat).
+gateways, AES-GCM-128 SAs loaded with ``uipsec setkey``: raw ESP, or ESP in UDP 4500 with --nat)
+and ``ours-udp`` (the same, always ESP in UDP 4500).
 
 Adding a case (the extension point): write a *gateway starter*, a function
 
@@ -133,12 +134,21 @@ def _ours_script(me: str, peer: str, mine: str, theirs: str, out_spi: int, in_sp
     )
 
 
+def uipsec_gateways(topo: Topology) -> contextlib.AbstractContextManager[Mapping[str, int]]:
+    """Case (c): ``uipsec daemon`` on both gateways, manually keyed AES-GCM-128 tunnel, raw
+    ESP (ESP in UDP through a NAT)."""
+    return _uipsec_gateways(topo, encap=topo.nat is not None)
+
+
+def uipsec_udp_gateways(topo: Topology) -> contextlib.AbstractContextManager[Mapping[str, int]]:
+    """Case (c'): the same with ESP in UDP 4500 (esp-udp SAs): UDP GSO/GRO batch the I/O."""
+    return _uipsec_gateways(topo, encap=True)
+
+
 @contextlib.contextmanager
-def uipsec_gateways(topo: Topology) -> Iterator[Mapping[str, int]]:
-    """Case (c): ``uipsec daemon`` on both gateways, manually keyed AES-GCM-128 tunnel."""
+def _uipsec_gateways(topo: Topology, *, encap: bool) -> Iterator[Mapping[str, int]]:
     import tempfile
 
-    encap = topo.nat is not None
     sides = (
         ("gwL", topo.gw_l, topo.gw_l_outer, topo.gw_r_outer, LEFT_NET, RIGHT_NET, 0x4001,
          0x4002),
@@ -176,7 +186,9 @@ def uipsec_gateways(topo: Topology) -> Iterator[Mapping[str, int]]:
 CASES: dict[str, Case] = {
     "bare": Case("bare", "(a) veth routing, no IPsec", no_gateways, cleartext_routes=True),
     "strongswan": Case("strongswan", "(b) strongSwan kernel-libipsec", strongswan_gateways),
-    "ours": Case("ours", "(c) uipsec daemon (manual keys)", uipsec_gateways),
+    "ours": Case("ours", "(c) uipsec daemon (manual keys, raw ESP)", uipsec_gateways),
+    "ours-udp": Case("ours-udp", "(c') uipsec daemon (manual keys, ESP in UDP)",
+                     uipsec_udp_gateways),
 }
 
 
@@ -319,7 +331,8 @@ def print_report(all_results: dict[str, dict[str, list[Sample]]], cases: dict[st
 @click.option("--udp-len", default=UDP_PAYLOAD, show_default=True,
               help="UDP payload bytes (-l); the default makes 1400-byte IP packets.")
 @click.option("--no-tcp", is_flag=True, help="Skip the TCP test.")
-@click.option("--cases", "case_names", default="bare,strongswan,ours", show_default=True,
+@click.option("--cases", "case_names", default="bare,strongswan,ours,ours-udp",
+              show_default=True,
               help=f"Comma-separated built-in cases: {', '.join(CASES)}.")
 @click.option("--case", "extra", multiple=True, metavar="NAME=module:function",
               help="Add a case from a gateway starter function (see module docstring).")
