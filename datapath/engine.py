@@ -11,8 +11,8 @@ compares) and ``tick(now)`` from its timer (NAT keepalives, local address refres
 
 UDP 4500 also carries IKE (RFC 3948 non-ESP marker): ``set_ike_handler(fn)`` receives
 ``fn(message, peer, local)`` where ``local`` is the receiving socket's bound address, and
-``send_ike(message, peer)`` sends with the marker. NAT keepalives (0xFF) are sent for the peers
-of UDP-encapsulated SAs after ``keepalive_interval`` seconds without traffic to them.
+``send_ike(message, peer, source)`` sends with the marker. NAT keepalives (0xFF) are sent for
+the peers of UDP-encapsulated SAs after ``keepalive_interval`` seconds without traffic to them.
 """
 
 from __future__ import annotations
@@ -45,6 +45,9 @@ MAX_BATCHES = 16  # batches per wake-up, so one busy fd cannot starve the others
 # Outer IPv6 + UDP + ESP header, 16-byte IV, 15 bytes of padding, trailer, 32-byte ICV.
 WORST_OVERHEAD = 40 + 8 + 8 + 16 + 15 + 2 + 32
 LOCAL_REFRESH = 10.0  # seconds between re-reads of the local addresses
+# The TUN's queue towards us (500 by default): room for the bursts that arrive while the daemon
+# waits for a CPU, which on a busy host otherwise overflow it.
+TUN_QUEUE = 4096
 
 NETLINK_TIMEOUT = 10.0
 IkeHandler = Callable[[bytes, tuple[Any, ...], tuple[Any, ...]], None]
@@ -58,13 +61,24 @@ class _Netlink:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="uipsec-netlink")
         self.netconf: NetConfig | None = None
+        self._ipr: Any = None
 
     def call(self, fn: Callable[..., _T], *args: Any) -> _T:
         return self._pool.submit(fn, *args).result(NETLINK_TIMEOUT)
 
     def open(self, policy: RoutingPolicy) -> NetConfig:
-        self.netconf = self.call(NetConfig, policy)
+        from pyroute2 import IPRoute
+
+        self._ipr = self.call(IPRoute)
+        self.netconf = self.call(NetConfig, policy, self._ipr)
         return self.netconf
+
+    def set_queue(self, ifname: str, length: int) -> None:
+        def run() -> None:
+            index = self._ipr.link_lookup(ifname=ifname)[0]
+            self._ipr.link("set", index=index, txqlen=length)
+
+        self.call(run)
 
     def add_route(self, dst: str, ifname: str, src: str | None = None) -> None:
         assert self.netconf is not None
@@ -81,7 +95,7 @@ class _Netlink:
                 try:
                     self.call(netconf.remove_all)
                 finally:
-                    self.call(netconf.close)
+                    self.call(self._ipr.close)
         finally:
             self._pool.shutdown(wait=True)
 
@@ -150,7 +164,8 @@ class Datapath:
         raw: list[RawEspSocket] = []
         try:
             netconf = netlink.open(RoutingPolicy(table=cfg.table, fwmark=mark))
-            tun = TunDevice(cfg.tun_name)
+            tun = TunDevice(cfg.tun_name, vnet_hdr=True)  # GSO writes: datapath.tunwriter
+            netlink.set_queue(tun.name, TUN_QUEUE)
             netlink.call(netconf.setup_link, tun.name, (), self.mtu)
             netlink.call(netconf.install_rules)
             for host in cfg.udp_bind:
@@ -282,13 +297,14 @@ class Datapath:
         """Where IKE messages received on UDP 4500 go (marker stripped)."""
         self._ike = handler
 
-    def send_ike(self, message: bytes, peer: tuple[Any, ...]) -> bool:
-        """Send an IKE message on the UDP 4500 socket of the peer's family, with the marker."""
+    def send_ike(self, message: bytes, peer: tuple[Any, ...], source: str | None = None) -> bool:
+        """Send an IKE message on the UDP 4500 socket of the peer's family, with the marker,
+        from our address ``source`` (the IKE SA's: the socket is bound to the wildcard)."""
         family = socket.AF_INET6 if ":" in str(peer[0]) else socket.AF_INET
         sock = self.udp.get(family)
         if sock is None:
             return False
-        ok = sock.send(NON_ESP_MARKER + message, peer)
+        ok = sock.send(NON_ESP_MARKER + message, peer, source)
         self.counters.ike_sent += ok
         return ok
 
@@ -371,6 +387,11 @@ class Datapath:
         out["gso_sends"] = sum(s.stats.tx_gso_sends for s in self._udp_all)
         if self.tun is not None:
             out["tun_tx_dropped"] = self.tun.stats.tx_dropped
+        if self.inbound is not None:
+            writer = self.inbound.writer
+            out["tun_write_errors"] += writer.errors
+            out["tun_gso_writes"] = writer.gso_writes
+            out["tun_gso_segments"] = writer.merged
         if self.routes is not None:
             out["route_errors"] = self.routes.errors
         return out

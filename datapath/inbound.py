@@ -17,6 +17,7 @@ from datapath.ippacket import MalformedPacket, fix_l4_checksum, ip_header
 from datapath.satable import SaTable
 from datapath.stats import DatapathStats
 from datapath.tun import TunDevice
+from datapath.tunwriter import TunWriter
 from userspace_ipsec.kernel import Delivery, Kernel
 from userspace_ipsec.pfkey.constants import IpsecMode, PolicyDir, PolicyType
 from userspace_ipsec.sa import SecurityAssociation
@@ -30,14 +31,14 @@ _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
 
 
 class Inbound:
-    __slots__ = ("kernel", "table", "stats", "tun", "deliver", "_buf")
+    __slots__ = ("kernel", "table", "stats", "writer", "deliver", "_buf")
 
     def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
                  deliver: Callable[[list[Delivery]], None]) -> None:
         self.kernel = kernel
         self.table = table
         self.stats = stats
-        self.tun = tun
+        self.writer = TunWriter(tun.fd, tun.write, vnet=getattr(tun, "vnet_hdr", False))
         self.deliver = deliver
         self._buf = memoryview(bytearray(_HEADROOM + 65536))
 
@@ -50,7 +51,8 @@ class Inbound:
         buf = self._buf
         lookup = self.kernel.spd.lookup_packed
         satisfies = table.satisfies
-        write = self.tun.write
+        writer = self.writer
+        push = writer.push
         marked: list[SecurityAssociation] = []
         delivered = 0
         for esp in packets:
@@ -99,10 +101,9 @@ class Inbound:
             if (sa.packets_in + sa.packets_out >= sa.packet_mark
                     or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
                 marked.append(sa)
-            if write(inner):
-                delivered += 1
-            else:
-                stats.tun_write_errors += 1
+            push(inner)
+            delivered += 1
+        writer.flush()
         stats.opened += delivered
         if marked:
             for sa in set(marked):
