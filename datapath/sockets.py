@@ -31,6 +31,9 @@ _SPLIT_MAX = 128
 MAX_DATAGRAM = 65535
 _MAX_UDP_PAYLOAD: dict[int, int] = {socket.AF_INET: 65507, socket.AF_INET6: 65527}
 _GSO_CMSG = struct.Struct("=H")
+IP_PKTINFO = 8  # <netinet/in.h>; not exported by Python's socket module
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst, addr
+_IN6_PKTINFO = struct.Struct("=16si")
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.EHOSTUNREACH, errno.ENETUNREACH,
               errno.ECONNREFUSED, errno.EMSGSIZE, errno.EPERM, errno.EACCES)
@@ -247,9 +250,29 @@ class UdpSocket(_OuterSocket):
         return n
 
     # -- send ----------------------------------------------------------------------------
-    def send(self, datagram: Buffer, addr: Address) -> bool:
-        """Send one datagram; False (counted) if the kernel refused it for now."""
-        return self._sendto(datagram, addr)
+    def send(self, datagram: Buffer, addr: Address, source: str | None = None) -> bool:
+        """Send one datagram, from the local address ``source`` if given (a wildcard-bound
+        socket would otherwise take the route's preferred source); False (counted) if the
+        kernel refused it for now."""
+        try:
+            packed = socket.inet_pton(self.family, source) if source else b""
+        except OSError:
+            packed = b""  # another family's address: let the route choose
+        if not packed:
+            return self._sendto(datagram, addr)
+        if self.family == socket.AF_INET:
+            anc = [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, packed, bytes(4)))]
+        else:
+            anc = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(packed, 0))]
+        try:
+            self.sock.sendmsg([datagram], anc, 0, addr)
+        except OSError as exc:
+            if exc.errno in _TRANSIENT or exc.errno == errno.EINVAL:  # EINVAL: not ours
+                self.stats.tx_dropped += 1
+                return False
+            raise
+        self.stats.tx_datagrams += 1
+        return True
 
     def send_batch(self, datagrams: Sequence[Buffer], addr: Address) -> int:
         """Send datagrams to addr in order, one GSO syscall per run of equal sizes.

@@ -60,7 +60,7 @@ from userspace_ipsec.pfkey.messages import LifetimeExt, Message
 log = logging.getLogger("ike")
 
 Address = tuple[str, int]
-NattSend = Callable[[bytes, Address], Any]
+NattSend = Callable[[bytes, Address, str], Any]
 NattHandler = Callable[[bytes, Any, Any], None]
 NattRegister = Callable[[NattHandler | None], None]
 
@@ -181,8 +181,8 @@ class IkeService:
                  natt_send: NattSend | None = None,
                  natt_register: NattRegister | None = None,
                  connections: Connections | None = None) -> None:
-        """`natt_send(message, peer)` sends IKE on the datapath's UDP 4500 socket (it adds the
-        non-ESP marker); `natt_register(handler)` gives the datapath our
+        """`natt_send(message, peer, source)` sends IKE on the datapath's UDP 4500 socket (it adds
+        the non-ESP marker); `natt_register(handler)` gives the datapath our
         `handle_natt(message, peer, local)`. Without them we bind UDP 4500 ourselves."""
         self.config = config
         self.connections = connections or from_config(config)
@@ -390,17 +390,36 @@ class IkeService:
     # -- sending and timers ------------------------------------------------------------------
 
     def _pump(self, sa: IkeSa, rec: IkeRecord) -> None:
-        """After any input: send what the SA wants sent, handle its events, re-arm timers."""
+        """After any input: send what the SA wants sent, handle its events, re-arm timers.
+
+        When a Child SA was just negotiated, what goes out (our IKE_AUTH or CREATE_CHILD_SA
+        response, the delete of the SA a rekey replaces) waits in the PF_KEY queue until the
+        SAs are installed: the peer uses the new SA as soon as it has our message, and ESP
+        that arrives before its SA would be dropped (strongSwan also installs first)."""
         now = self._now()
         self._float_if_needed(sa, rec)
-        for data, addr in sa.datagrams_to_send(now):
-            self._send(rec, data, addr)
+        datagrams = sa.datagrams_to_send(now)
+        events: list[Event] = []
         for _ in range(10_000):
             event = sa.next_event()
             if event is None:
                 break
+            events.append(event)
+        installs = any(isinstance(e, ChildSaEstablished) for e in events)
+        if not installs:
+            self._send_all(rec, datagrams)
+        for event in events:
             self._on_event(sa, rec, event)
+        if installs and datagrams:
+            async def send_installed() -> None:
+                self._send_all(rec, datagrams)
+
+            self._enqueue(send_installed)
         self._arm(rec)
+
+    def _send_all(self, rec: IkeRecord, datagrams: list[tuple[bytes, Address]]) -> None:
+        for data, addr in datagrams:
+            self._send(rec, data, addr)
 
     def _float_if_needed(self, sa: IkeSa, rec: IkeRecord) -> None:
         """Initiator: after IKE_SA_INIT, move to port 4500 if a NAT is seen or encap forced."""
@@ -421,7 +440,7 @@ class IkeService:
         if rec.natt:
             addr = rec.sa.remote_addr if addr[0] == rec.sa.remote_addr[0] else addr
             if self._natt_send is not None:
-                self._natt_send(data, addr)
+                self._natt_send(data, addr, rec.local_ip)  # from the IKE SA's address
                 return
             self._sendto(self._natt_socks, NON_ESP_MARKER + data, addr, rec.local_ip)
             return
