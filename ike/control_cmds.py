@@ -100,7 +100,8 @@ async def _ike_status(service: IkeService, rec: IkeRecord) -> dict[str, Any]:
         "established": None if rec.established_at is None
         else round(time.time() - rec.established_at),
         "rekey_in": _left(rec.rekey_at, loop_now),
-        "children": [await _child_status(service, c) for c in rec.children.values()],
+        # A copy: the children change while we await the kernel's answers (a rekey, a delete).
+        "children": [await _child_status(service, c) for c in list(rec.children.values())],
     }
 
 
