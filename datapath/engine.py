@@ -132,6 +132,7 @@ class Datapath:
         self._spd_gen = -1
         self._sad_gen = -1
         self._syncing = False
+        self._flush_due = False  # held packets to retry after a change seen mid-batch
         self._local_at = 0.0
         self._peers: dict[tuple[Any, ...], UdpSocket] = {}
 
@@ -325,8 +326,10 @@ class Datapath:
                 self._sad_gen = kernel.sad.generation
                 self.table.refresh()
                 self._keepalive_peers()
-                if self.outbound is not None and self.outbound.held:
-                    self.outbound.flush_held(self.clock())
+                self._flush_due = True
+            if self._flush_due:
+                self._flush_due = bool(self.outbound is not None and self.outbound.held
+                                       and not self.outbound.flush_held(self.clock()))
         finally:
             self._syncing = False
 

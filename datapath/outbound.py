@@ -56,7 +56,7 @@ class _Route:
 
 class Outbound:
     __slots__ = ("kernel", "table", "stats", "tun", "deliver", "path_mtu", "queue_size",
-                 "held", "last_sent", "_routes", "_slots")
+                 "held", "last_sent", "_routes", "_slots", "_busy")
 
     def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
                  deliver: Callable[[list[Delivery]], None], *, path_mtu: int = 1500,
@@ -72,6 +72,9 @@ class Outbound:
         self.last_sent: dict[tuple[object, ...], float] = {}  # sendto address -> time
         self._routes: dict[tuple[Policy, bytes, bytes], _Route] = {}
         self._slots = [memoryview(bytearray(SLOT_SIZE)) for _ in range(batch)]
+        # A delivery made mid-batch (an SA expired) can come back as flush_held, which must
+        # not reuse the slots this batch still has to send.
+        self._busy = False
 
     def _route(self, policy: Policy, src: bytes, dst: bytes) -> _Route:
         req = policy.requests[0] if policy.requests else None
@@ -86,6 +89,13 @@ class Outbound:
 
     def process(self, packets: Sequence[Buffer], now: float) -> None:
         """Seal and send a batch of packets read from the TUN."""
+        self._busy = True
+        try:
+            self._process(packets, now)
+        finally:
+            self._busy = False
+
+    def _process(self, packets: Sequence[Buffer], now: float) -> None:
         stats = self.stats
         lookup = self.kernel.spd.lookup_packed
         routes = self._routes
@@ -215,8 +225,11 @@ class Outbound:
             stats.acquires += 1
             self.deliver(deliveries)
 
-    def flush_held(self, now: float) -> None:
-        """Send held packets whose policy has an SA now; forget those of removed policies."""
+    def flush_held(self, now: float) -> bool:
+        """Send held packets whose policy has an SA now; forget those of removed policies.
+        False: not now (called back from inside a batch), try again later."""
+        if self._busy:
+            return False
         spd = self.kernel.spd
         for policy, queue in list(self.held.items()):
             if spd.get(policy.id) is not policy:
@@ -239,3 +252,4 @@ class Outbound:
             if ready:
                 self.stats.queue_flushed += len(ready)
                 self.process(ready, now)
+        return True
