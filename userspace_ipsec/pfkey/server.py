@@ -38,6 +38,9 @@ _KNOWN_TYPES = frozenset(int(t) for t in MsgType)
 BROADCAST_QUEUE_LIMIT = 4096
 # Stop reading a client's requests while this many replies wait to be sent to it.
 REQUEST_BACKLOG_LIMIT = 256
+# Datagrams read, or dump messages sent, per turn of a connection before yielding to the others.
+READ_BATCH = 64
+STREAM_BATCH = 256
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class _Connection:
     can_read: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     closed: bool = False
+    writing: bool = False  # the write loop is sending queue[0]
 
 
 def peer_allowed(uid: int, gid: int, pid: int, group_gid: int | None) -> bool:
@@ -107,6 +111,9 @@ class PfkeyServer:
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._connections: dict[int, _Connection] = {}
+        self._dirty: dict[int, _Connection] = {}  # connections with news queued this turn
+        self._flush_scheduled = False
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop start() ran in
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -123,6 +130,7 @@ class PfkeyServer:
             os.chmod(self.path, 0o660)
         listener.listen(128)
         listener.setblocking(False)
+        self._loop = asyncio.get_running_loop()
         self._listener = listener
         self._accept_task = asyncio.create_task(self._accept_loop())
 
@@ -182,14 +190,30 @@ class PfkeyServer:
 
     async def _read_loop(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
+        sock = conn.sock
         buf = bytearray(MAX_MESSAGE + 1)
+        view = memoryview(buf)
         try:
             while True:
                 await conn.can_read.wait()
-                n = await loop.sock_recv_into(conn.sock, buf)
+                n = await loop.sock_recv_into(sock, buf)  # waits for the first datagram
                 if n == 0:
                     break
-                self.handle_datagram(conn, bytes(buf[:n]))
+                self.handle_datagram(conn, bytes(view[:n]))
+                # Then every datagram already queued, without a trip through the event loop
+                # per message; a batch at most, so that one busy client cannot starve others.
+                for _ in range(READ_BATCH):
+                    if not conn.can_read.is_set():
+                        break
+                    try:
+                        n = sock.recv_into(buf)
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    if n == 0:
+                        return  # the finally clause drops the connection
+                    self.handle_datagram(conn, bytes(view[:n]))
+                else:
+                    await asyncio.sleep(0)
         except (ConnectionError, OSError):
             pass
         finally:
@@ -214,47 +238,114 @@ class PfkeyServer:
 
     def dispatch(self, sender: int | None, deliveries: Iterable[Delivery]) -> None:
         """Route the Kernel's deliveries (also used for its timer and ACQUIRE events)."""
+        connections = self._connections
         for delivery in deliveries:
+            if delivery.stream is not None:
+                for sock_id in self.kernel.recipients(delivery, sender):
+                    conn = connections.get(sock_id)
+                    if conn is not None:
+                        self._enqueue(conn, (encode(m) for m in delivery.stream))
+                continue
+            message = delivery.message
+            if message is None:
+                continue
+            # A broadcast is encoded once per variant (with or without the private
+            # extension), not once per recipient.
+            plain: bytes | None = None
+            extended: bytes | None = None
             for sock_id in self.kernel.recipients(delivery, sender):
-                conn = self._connections.get(sock_id)
+                conn = connections.get(sock_id)
                 if conn is None:
                     continue
-                if delivery.stream is not None:
-                    self._enqueue(conn, (encode(m) for m in delivery.stream))
-                elif delivery.message is not None:
-                    data = encode(self.kernel.message_for(delivery, sock_id))
-                    if sock_id != sender and len(conn.queue) >= BROADCAST_QUEUE_LIMIT:
-                        self.stats.broadcasts_dropped += 1
-                        continue
-                    self._enqueue(conn, data)
+                if sock_id != sender and len(conn.queue) >= BROADCAST_QUEUE_LIMIT:
+                    self.stats.broadcasts_dropped += 1
+                    continue
+                msg = self.kernel.message_for(delivery, sock_id)
+                if msg is message:
+                    if plain is None:
+                        plain = encode(msg)
+                    data = plain
+                else:
+                    if extended is None:
+                        extended = encode(msg)
+                    data = extended
+                self._enqueue(conn, data)
 
     def _enqueue(self, conn: _Connection, item: bytes | Iterator[bytes]) -> None:
         conn.queue.append(item)
-        conn.wakeup.set()
         if len(conn.queue) >= REQUEST_BACKLOG_LIMIT:
             conn.can_read.clear()
+        # Sent at the end of this turn of the event loop, with everything else produced in it:
+        # replies to a batch of requests leave in a burst, waking the reader once, not once
+        # per message (on a busy machine each wake-up can cost a context switch).
+        self._dirty[conn.sock_id] = conn
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop = self._loop or asyncio.get_running_loop()
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send what the connections touched this turn have queued, directly while their
+        socket buffers take it; the write loop takes over from a full buffer or a dump."""
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, {}
+        for conn in dirty.values():
+            if conn.closed:
+                continue
+            queue = conn.queue
+            if not conn.writing:
+                send = conn.sock.send
+                try:
+                    while queue and isinstance(queue[0], bytes):
+                        send(queue[0])
+                        queue.popleft()
+                except OSError:
+                    pass  # full (the write loop waits) or broken (the write loop drops it)
+            if queue:
+                conn.wakeup.set()
+            elif not conn.can_read.is_set():
+                conn.can_read.set()
 
     async def _write_loop(self, conn: _Connection) -> None:
         loop = asyncio.get_running_loop()
+        sock = conn.sock
+        queue = conn.queue
         try:
             while True:
-                while not conn.queue:
+                while not queue:
                     conn.can_read.set()
                     conn.wakeup.clear()
                     await conn.wakeup.wait()
-                item = conn.queue[0]
+                item = queue[0]
+                # Popped only once sent; meanwhile _flush leaves this queue alone.
+                conn.writing = True
                 if isinstance(item, bytes):
-                    conn.queue.popleft()
-                    await loop.sock_sendall(conn.sock, item)
+                    await loop.sock_sendall(sock, item)
+                    queue.popleft()
                 else:
-                    # Pull a dump one message at a time: sock_sendall waits for the client to
-                    # drain its buffer, which is the back-pressure.
-                    data = next(item, None)
-                    if data is None:
-                        conn.queue.popleft()
-                    else:
-                        await loop.sock_sendall(conn.sock, data)
-                if len(conn.queue) < REQUEST_BACKLOG_LIMIT // 2:
+                    await self._send_stream(conn, item)
+                conn.writing = False
+                if len(queue) < REQUEST_BACKLOG_LIMIT // 2:
                     conn.can_read.set()
         except (ConnectionError, OSError):
             self._drop(conn)
+
+    async def _send_stream(self, conn: _Connection, stream: Iterator[bytes]) -> None:
+        """Send up to a batch of a dump, then let others run; pops the stream when done.
+
+        A dump is pulled from the Kernel's iterator one message at a time and only as fast as
+        the client reads: when its socket buffer is full, sock_sendall waits for it to drain
+        (the back-pressure), and nothing more is rendered meanwhile.
+        """
+        loop = asyncio.get_running_loop()
+        sock = conn.sock
+        for _ in range(STREAM_BATCH):
+            data = next(stream, None)
+            if data is None:
+                conn.queue.popleft()
+                return
+            try:
+                sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                await loop.sock_sendall(sock, data)
+        await asyncio.sleep(0)
