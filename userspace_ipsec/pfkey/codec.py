@@ -300,6 +300,31 @@ def _dec_lifetime(b: Buffer, o: int, n: int, t: int) -> LifetimeExt:
     return LifetimeExt(allocations, nbytes, addtime, usetime)
 
 
+# Decoded addresses, shared: they are immutable, and a daemon's messages name the same few
+# peers over and over (building an IPv4Address is most of an address extension's decode).
+_ADDRESS_CACHE_LIMIT = 4096
+_V4_CACHE: dict[bytes, IPv4Address] = {}
+_V6_CACHE: dict[bytes, IPv6Address] = {}
+
+
+def _ip4(raw: bytes) -> IPv4Address:
+    address = _V4_CACHE.get(raw)
+    if address is None:
+        if len(_V4_CACHE) >= _ADDRESS_CACHE_LIMIT:
+            _V4_CACHE.clear()
+        address = _V4_CACHE[raw] = IPv4Address(raw)
+    return address
+
+
+def _ip6(raw: bytes) -> IPv6Address:
+    address = _V6_CACHE.get(raw)
+    if address is None:
+        if len(_V6_CACHE) >= _ADDRESS_CACHE_LIMIT:
+            _V6_CACHE.clear()
+        address = _V6_CACHE[raw] = IPv6Address(raw)
+    return address
+
+
 def _sockaddr_at(b: Buffer, o: int, end: int) -> tuple[int, IPAddress, int]:
     """Decode the sockaddr at ``o``: (family, address, port). Validates family and room."""
     if end - o < 2:
@@ -313,14 +338,20 @@ def _sockaddr_at(b: Buffer, o: int, end: int) -> tuple[int, IPAddress, int]:
     address: IPAddress
     if family == AF_INET:
         _, port, raw = _SIN.unpack_from(b, o)
-        address = IPv4Address(raw)
+        address = _ip4(raw)
     else:
         _, port, _, raw, scope = _SIN6.unpack_from(b, o)
-        address = IPv6Address(raw) if scope == 0 else IPv6Address(f"{IPv6Address(raw)}%{scope}")
+        address = _ip6(raw) if scope == 0 else IPv6Address(f"{IPv6Address(raw)}%{scope}")
     return family, address, ntohs(port)
 
 
 def _dec_address(b: Buffer, o: int, n: int, t: int) -> AddressExt:
+    if n == _ADDR4.size:  # the common case in one unpack: sadb_address + sockaddr_in
+        _, _, proto, prefixlen, family, port, raw = _ADDR4.unpack_from(b, o)
+        if family == AF_INET:
+            if prefixlen > 32:
+                raise _invalid(f"prefix length {prefixlen} too long for family {family}")
+            return AddressExt(_ip4(raw), prefixlen, proto, ntohs(port))
     _, _, proto, prefixlen, _ = _ADDRESS.unpack_from(b, o)
     family, address, port = _sockaddr_at(b, o + 8, o + n)
     # Linux: the extension is exactly sadb_address + sockaddr rounded up to 8 bytes.
@@ -488,6 +519,12 @@ _register((E.X_UIPSEC,), UipsecExt, _enc_uipsec, _dec_uipsec, _UIPSEC.size)
 del E
 
 _EXT_TYPES = {int(t): t for t in ExtType}
+# exttype number -> (ExtType, decoder, minimum length): one lookup per extension in decode.
+_DECODERS: dict[int, tuple[ExtType, _Decoder, int]] = {
+    int(t): (_EXT_TYPES[t], codec[2], codec[3]) for t, codec in _CODECS.items()}
+# ExtType -> (extension class, encoder).
+_ENCODERS: dict[int, tuple[type, Callable[..., bytes]]] = {
+    t: (codec[0], codec[1]) for t, codec in _CODECS.items()}
 # Linux types this codec does not carry (MIGRATE's KMADDRESS, DUMP's FILTER): refused.
 _UNSUPPORTED = frozenset({ExtType.X_KMADDRESS, ExtType.X_FILTER})
 
@@ -501,14 +538,16 @@ def encode(msg: Message) -> bytes:
     """Serialise ``msg``; extensions go out in the dict's order. Raises PfkeyError."""
     parts = [b""]
     total = _MSG.size
+    encoders = _ENCODERS
     try:
         for t, e in msg.ext.items():
-            codec = _CODECS.get(t)
+            codec = encoders.get(t)
             if codec is None:
                 raise _invalid(f"cannot encode extension type {t}")
-            if type(e) is not codec[0]:
+            cls, enc = codec
+            if type(e) is not cls:
                 raise _invalid(f"{type(e).__name__} stored under extension type {t}")
-            part = codec[1](t, e)
+            part = enc(t, e)
             total += len(part)
             parts.append(part)
         if total > MAX_MESSAGE_SIZE:
@@ -538,20 +577,23 @@ def decode(data: Buffer) -> Message:
         raise PfkeyError(_errno.EMSGSIZE, f"sadb_msg_len {mlen} words for {size} bytes")
     exts: dict[ExtType, Extension] = {}
     off = _MSG.size
+    decoders = _DECODERS
+    ext_header = _EXT.unpack_from
     while off < size:
-        elen, etype = _EXT.unpack_from(data, off)
+        elen, etype = ext_header(data, off)
         elen <<= 3
         if elen == 0 or elen > size - off:
             raise _invalid(f"extension length {elen} at offset {off} out of bounds")
-        codec = _CODECS.get(etype)
-        if codec is None:
+        entry = decoders.get(etype)
+        if entry is None:
             why = "unsupported" if etype in _UNSUPPORTED else "unknown"
             raise _invalid(f"{why} extension type {etype}")
-        if etype in exts:
+        key, dec, minlen = entry
+        if key in exts:
             raise _invalid(f"duplicate extension type {etype}")
-        if elen < codec[3]:
+        if elen < minlen:
             raise _invalid(f"extension type {etype} too short ({elen} bytes)")
-        exts[_EXT_TYPES[etype]] = codec[2](data, off, elen, etype)
+        exts[key] = dec(data, off, elen, etype)
         off += elen
     return Message(msg_type, _SATYPES.get(satype, satype), seq, pid, err, exts)
 
