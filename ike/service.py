@@ -277,6 +277,13 @@ class IkeService:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
         else:
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        if self._natt_send is not None:
+            # With a datapath: IKE bypasses its routes into the TUN like its own ESP sockets do,
+            # or a transport-mode or host-to-host policy would catch the IKE datagrams too.
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, self.config.datapath.fwmark)
+            except OSError as exc:
+                log.warning("ike: SO_MARK on the IKE socket: %s (IKE may enter the tunnel)", exc)
         try:
             sock.bind((addr, port))
         except OSError:
