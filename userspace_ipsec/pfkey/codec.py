@@ -303,25 +303,16 @@ def _dec_lifetime(b: Buffer, o: int, n: int, t: int) -> LifetimeExt:
 # Decoded addresses, shared: they are immutable, and a daemon's messages name the same few
 # peers over and over (building an IPv4Address is most of an address extension's decode).
 _ADDRESS_CACHE_LIMIT = 4096
-_V4_CACHE: dict[bytes, IPv4Address] = {}
-_V6_CACHE: dict[bytes, IPv6Address] = {}
+_ADDRESS_CACHE: dict[bytes, IPAddress] = {}  # 4 or 16 raw bytes: the family is the length
 
 
-def _ip4(raw: bytes) -> IPv4Address:
-    address = _V4_CACHE.get(raw)
+def _ip(raw: bytes) -> IPAddress:
+    address = _ADDRESS_CACHE.get(raw)
     if address is None:
-        if len(_V4_CACHE) >= _ADDRESS_CACHE_LIMIT:
-            _V4_CACHE.clear()
-        address = _V4_CACHE[raw] = IPv4Address(raw)
-    return address
-
-
-def _ip6(raw: bytes) -> IPv6Address:
-    address = _V6_CACHE.get(raw)
-    if address is None:
-        if len(_V6_CACHE) >= _ADDRESS_CACHE_LIMIT:
-            _V6_CACHE.clear()
-        address = _V6_CACHE[raw] = IPv6Address(raw)
+        if len(_ADDRESS_CACHE) >= _ADDRESS_CACHE_LIMIT:
+            _ADDRESS_CACHE.clear()
+        address = IPv4Address(raw) if len(raw) == 4 else IPv6Address(raw)
+        _ADDRESS_CACHE[raw] = address
     return address
 
 
@@ -338,10 +329,10 @@ def _sockaddr_at(b: Buffer, o: int, end: int) -> tuple[int, IPAddress, int]:
     address: IPAddress
     if family == AF_INET:
         _, port, raw = _SIN.unpack_from(b, o)
-        address = _ip4(raw)
+        address = _ip(raw)
     else:
         _, port, _, raw, scope = _SIN6.unpack_from(b, o)
-        address = _ip6(raw) if scope == 0 else IPv6Address(f"{IPv6Address(raw)}%{scope}")
+        address = _ip(raw) if scope == 0 else IPv6Address(f"{IPv6Address(raw)}%{scope}")
     return family, address, ntohs(port)
 
 
@@ -351,7 +342,7 @@ def _dec_address(b: Buffer, o: int, n: int, t: int) -> AddressExt:
         if family == AF_INET:
             if prefixlen > 32:
                 raise _invalid(f"prefix length {prefixlen} too long for family {family}")
-            return AddressExt(_ip4(raw), prefixlen, proto, ntohs(port))
+            return AddressExt(_ip(raw), prefixlen, proto, ntohs(port))
     _, _, proto, prefixlen, _ = _ADDRESS.unpack_from(b, o)
     family, address, port = _sockaddr_at(b, o + 8, o + n)
     # Linux: the extension is exactly sadb_address + sockaddr rounded up to 8 bytes.
