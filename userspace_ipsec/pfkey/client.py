@@ -60,6 +60,7 @@ class PfkeyClient:
         self.uipsec_ext = uipsec_ext
         self._seq = itertools.count(1)
         self._buf = bytearray(MAX_MESSAGE)
+        self._view = memoryview(self._buf)
         self._pending: list[Message] = []
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
@@ -120,7 +121,7 @@ class PfkeyClient:
             raise DaemonNotRunning(f"the uipsec daemon on {self.path} went away") from exc
         if n == 0:
             raise DaemonNotRunning(f"the uipsec daemon on {self.path} closed the socket")
-        data = bytes(self._buf[:n])
+        data = bytes(self._view[:n])  # one copy (a bytearray slice would make two)
         try:
             msg = decode(data)
         except PfkeyError as exc:
