@@ -130,7 +130,7 @@ class ChildExchanges(Informational):
         self._children[inbound] = child
         self._emit(ChildSaEstablished(inbound, outbound, suite, list(local_ts),
                                       list(remote_ts), transport, in_keys[0], in_keys[1],
-                                      out_keys[0], out_keys[1], rekey_of))
+                                      out_keys[0], out_keys[1], rekey_of, exchange_initiator))
         return child
 
     # -- initiator: new Child SA and Child SA rekey ------------------------------------------

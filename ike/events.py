@@ -30,7 +30,9 @@ class IkeSaEstablished:
 @dataclass(slots=True)
 class ChildSaEstablished:
     """Install both SAs. With `rekey_of` set, this pair replaces the Child SA whose inbound SPI
-    that is; the old pair stays until its ChildSaDeleted (make-before-break)."""
+    that is; the old pair stays until its ChildSaDeleted (make-before-break). `initiated` is
+    False when the peer's request made this pair: the peer installs its side only once it has
+    our response."""
 
     inbound_spi: bytes
     outbound_spi: bytes
@@ -43,6 +45,7 @@ class ChildSaEstablished:
     encr_out: bytes = field(repr=False)
     integ_out: bytes = field(repr=False)
     rekey_of: bytes | None = None
+    initiated: bool = True
 
 
 @dataclass(slots=True)

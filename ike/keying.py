@@ -196,10 +196,11 @@ class Keying:
                                           p.replay_window)
         return Message(msg_type, SaType.ESP, ext=ext)
 
-    async def install_child(self, ev: ChildSaEstablished, p: SaParams, larval: bool) -> None:
-        """Inbound SA (UPDATE of the larval GETSPI one, else ADD), then outbound (ADD)."""
+    async def install_child(self, ev: ChildSaEstablished, p: SaParams, larval: bool,
+                            outbound: bool = True) -> None:
+        """Inbound SA (UPDATE of the larval GETSPI one, else ADD), then outbound (ADD) unless
+        `outbound` is False (then `install_outbound` later)."""
         spi_in = int.from_bytes(ev.inbound_spi, "big")
-        spi_out = int.from_bytes(ev.outbound_spi, "big")
         if ev.transforms.encr not in PFKEY_ENCR or ev.transforms.integ not in PFKEY_INTEG:
             raise KeyingError(f"no PF_KEY number for {ev.transforms}")
         inbound = self._sa_message(MsgType.UPDATE if larval else MsgType.ADD, spi_in, p.remote,
@@ -209,12 +210,21 @@ class Keying:
             await self.pfkey.request(inbound)
         except PfkeyReplyError as exc:
             raise KeyingError(f"inbound SA {spi_in:08x}: {exc}") from None
-        outbound = self._sa_message(MsgType.ADD, spi_out, p.local, p.remote, p.local_port,
-                                    p.remote_port, ev.transforms, ev.encr_out, ev.integ_out, p)
+        if outbound:
+            try:
+                await self.install_outbound(ev, p)
+            except KeyingError:
+                await self.delete_sa(p.remote, p.local, spi_in)
+                raise
+
+    async def install_outbound(self, ev: ChildSaEstablished, p: SaParams) -> None:
+        """The outbound SA (ADD) of a pair; the newest mature SA is the one the kernel uses."""
+        spi_out = int.from_bytes(ev.outbound_spi, "big")
+        msg = self._sa_message(MsgType.ADD, spi_out, p.local, p.remote, p.local_port,
+                               p.remote_port, ev.transforms, ev.encr_out, ev.integ_out, p)
         try:
-            await self.pfkey.request(outbound)
+            await self.pfkey.request(msg)
         except PfkeyReplyError as exc:
-            await self.delete_sa(p.remote, p.local, spi_in)
             raise KeyingError(f"outbound SA {spi_out:08x}: {exc}") from None
 
     async def delete_sa(self, src: IPAddress, dst: IPAddress, spi: int) -> bool:

@@ -201,6 +201,10 @@ class IkeService:
         self._reqids: dict[tuple[str, str], int] = {}
         self._policies: dict[tuple[Any, ...], PolicySet] = {}
         self._traps: dict[tuple[str, str], tuple[Any, ...]] = {}  # (conn, child) -> policy key
+        # Responder of a Child SA rekey: the new pair's outbound SA, by the old pair's inbound
+        # SPI; added when the old pair goes (the peer's delete), as strongSwan does, because the
+        # peer installs its new inbound SA only once it has our response.
+        self._deferred_out: dict[bytes, tuple[ChildSaEstablished, SaParams]] = {}
         self._jobs: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
         self._worker: asyncio.Task[None] | None = None
         self._tick: asyncio.Task[None] | None = None
@@ -731,7 +735,11 @@ class IkeService:
         params = self._params(rec, child, mode)
         try:
             selectors = policy_selectors(ev.local_ts, ev.remote_ts)
-            await self.keying.install_child(ev, params, ev.inbound_spi in rec.larval)
+            defer = not ev.initiated and ev.rekey_of is not None and ev.rekey_of in rec.children
+            await self.keying.install_child(ev, params, ev.inbound_spi in rec.larval,
+                                            outbound=not defer)
+            if defer and ev.rekey_of is not None:
+                self._deferred_out[ev.rekey_of] = (ev, params)
             rec.larval.discard(ev.inbound_spi)
             key = (rec.conn.name, child.name, mode, tuple(ev.local_ts), tuple(ev.remote_ts),
                    str(params.local), str(params.remote))
@@ -777,8 +785,14 @@ class IkeService:
             return  # never installed (or its install is still queued: it checks the record)
         log.info("ike: %s %s: Child SA %s_i %s_o deleted (%s)", rec.name, child.child.name,
                  _spi(inbound), _spi(outbound), reason)
+        successor = self._deferred_out.pop(inbound, None)
+        for old, (ev, _) in list(self._deferred_out.items()):
+            if ev.inbound_spi == inbound:  # gone before the pair it replaces: never sends
+                del self._deferred_out[old]
 
         async def uninstall() -> None:
+            if successor is not None:  # the new outbound SA first: no gap in what we send
+                await self._safely(self.keying.install_outbound(*successor))
             await self._safely(self._delete_pair(child.params, inbound, outbound))
             policy_set = self._policies.get(child.policy_key)
             if policy_set is not None:
