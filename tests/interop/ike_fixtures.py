@@ -187,6 +187,10 @@ class InteropLab:
         entries: list[dict[str, Any]] = self.cli_json("sa", "list")
         return entries
 
+    def stats(self) -> dict[str, Any]:
+        counters: dict[str, Any] = self.cli_json("stats")
+        return counters
+
     def spd(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = self.cli_json("spd", "list")
         return entries
@@ -326,6 +330,7 @@ class ContinuousPing:
     dst: str
     sent: int = 0
     answered: int = 0
+    lost_at: list[str] = field(default_factory=list)  # wall-clock times of unanswered echoes
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -338,7 +343,11 @@ class ContinuousPing:
         for _ in range(3000):  # bounded: 5 minutes at 10/s
             if self._stop.is_set():
                 return
-            self.answered += len(self.src.ping(self.dst, count=1, timeout=1.0))
+            sent_at = time.strftime("%H:%M:%S") + f".{int(time.time() * 1000) % 1000:03d}"
+            if self.src.ping(self.dst, count=1, timeout=1.0):
+                self.answered += 1
+            else:
+                self.lost_at.append(sent_at)
             self.sent += 1
             time.sleep(0.1)
 

@@ -111,8 +111,8 @@ SUITES = [
 ]
 
 
-@pytest.mark.parametrize("we_initiate", [True, False], ids=["ours-initiates",
-                                                            "charon-initiates"])
+@pytest.mark.parametrize("we_initiate", [True, False],
+                         ids=["ours-initiates", "charon-initiates"])
 @pytest.mark.parametrize(("ike", "our_esp", "their_esp", "ike_suite", "esp_suite", "tcp_init",
                           "tcp_resp"), SUITES)
 def test_suite_both_roles(tmp_path: Path, we_initiate: bool, ike: str, our_esp: str,
@@ -122,8 +122,10 @@ def test_suite_both_roles(tmp_path: Path, we_initiate: bool, ike: str, our_esp: 
     with interop_lab(tmp_path, OurSide(proposal=ike, esp_proposal=our_esp),
                      TheirSide(proposal=ike, esp_proposal=their_esp)) as lab:
         establish(lab, we_initiate)
-        ours, _ = assert_agree(lab, ike_suite, esp_suite)
+        # At once: a responder installs its Child SA before it answers, so the very first
+        # packets pass (charon's swanctl --initiate returns when it has our answer).
         assert lab.ping(count=5) == 5, lab.diagnostics()
+        ours, _ = assert_agree(lab, ike_suite, esp_suite)
         if tcp_init if we_initiate else tcp_resp:
             assert_tcp(lab)
         if pfs:
@@ -171,13 +173,18 @@ def _settled(lab: InteropLab, before: tuple[str, str], ike: bool) -> bool:
             and theirs["initiator-spi"] == now[0] and theirs["child"]["spi-out"] == now[1])
 
 
-def test_rekeys_by_us_under_continuous_ping(tmp_path: Path) -> None:
+ROLES = pytest.mark.parametrize("we_initiate", [True, False],
+                                ids=["ours-initiates", "charon-initiates"])
+
+
+@ROLES
+def test_rekeys_by_us_under_continuous_ping(tmp_path: Path, we_initiate: bool) -> None:
     """Our timers rekey the Child SA every 3 s and the IKE SA at 7 s (make-before-break):
     not one of ~10 echoes a second is lost, and charon follows every rekey."""
     ours = OurSide(child_rekey_time=3.0, ike_rekey_time=7.0)
     with interop_lab(tmp_path, ours) as lab:
-        establish(lab, we_initiate=True)
-        first = _spis(lab)
+        establish(lab, we_initiate)
+        first = wait_until(lambda: _spis(lab), 5)
         assert first is not None
         pinger = ContinuousPing(lab.topo.host_l, lab.topo.host_r_lan.ip4).start()
         try:
@@ -188,15 +195,16 @@ def test_rekeys_by_us_under_continuous_ping(tmp_path: Path) -> None:
             assert wait_until(lambda: _settled(lab, after_ike, ike=False), 8), lab.diagnostics()
         finally:
             sent, answered = pinger.stop()
-        assert sent >= 50 and answered == sent, (sent, answered, lab.diagnostics())
+        assert sent >= 50 and answered == sent, (pinger.lost_at, lab.stats(), lab.diagnostics())
         assert lab.ping(count=3) == 3
 
 
-def test_rekeys_by_charon_under_continuous_ping(tmp_path: Path) -> None:
-    """charon rekeys (swanctl --rekey) the Child SA, then the IKE SA, of a tunnel it initiated;
-    we answer both as responder and no echo is lost."""
+@ROLES
+def test_rekeys_by_charon_under_continuous_ping(tmp_path: Path, we_initiate: bool) -> None:
+    """charon rekeys (swanctl --rekey) the Child SA, then the IKE SA; we answer both
+    CREATE_CHILD_SA exchanges as responder and no echo is lost."""
     with interop_lab(tmp_path) as lab:
-        establish(lab, we_initiate=False)
+        establish(lab, we_initiate)
         first = wait_until(lambda: _spis(lab), 5)
         assert first is not None
         pinger = ContinuousPing(lab.topo.host_l, lab.topo.host_r_lan.ip4).start()
@@ -215,7 +223,7 @@ def test_rekeys_by_charon_under_continuous_ping(tmp_path: Path) -> None:
             wait_until(lambda: pinger.sent >= sent_before + 10, 5)
         finally:
             sent, answered = pinger.stop()
-        assert sent >= 30 and answered == sent, (sent, answered, lab.diagnostics())
+        assert sent >= 30 and answered == sent, (pinger.lost_at, lab.stats(), lab.diagnostics())
         assert_agree(lab, "AES_GCM_16_128/HMAC_SHA2_256/CURVE25519", "AES_GCM_16_128")
 
 
@@ -231,6 +239,7 @@ def test_dpd_clears_tunnel_of_killed_charon(tmp_path: Path) -> None:
         lab.charon.process.wait(5)  # type: ignore[union-attr]
         assert wait_until(lambda: not lab.ike_sas(), 20, 0.25), lab.diagnostics()
         assert not lab.sad() and not lab.spd(), (lab.sad(), lab.spd())
+        assert "peer not responding (DPD)" in lab.log.read_text()
         assert lab.ping(count=1, timeout=0.5) == 0
 
 
