@@ -33,7 +33,14 @@ from datapath.routes import RouteSync, local_addresses
 from datapath.satable import SaTable
 from datapath.sockets import DatagramBatch, RawEspSocket, UdpSocket
 from datapath.stats import DatapathStats
-from datapath.tun import PacketSlots, TunDevice
+from datapath.tun import (
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    TUN_F_TSO_ECN,
+    PacketSlots,
+    TunDevice,
+)
 from userspace_ipsec.config import DatapathConfig
 from userspace_ipsec.kernel import Delivery, Kernel
 from userspace_ipsec.pfkey.constants import NatTType
@@ -48,6 +55,8 @@ LOCAL_REFRESH = 10.0  # seconds between re-reads of the local addresses
 # The TUN's queue towards us (500 by default): room for the bursts that arrive while the daemon
 # waits for a CPU, which on a busy host otherwise overflow it.
 TUN_QUEUE = 4096
+# Partial checksums and TCP super-packets from the TUN (datapath.segment): one read per burst.
+TUN_OFFLOADS = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
 
 NETLINK_TIMEOUT = 10.0
 IkeHandler = Callable[[bytes, tuple[Any, ...], tuple[Any, ...]], None]
@@ -166,6 +175,8 @@ class Datapath:
         try:
             netconf = netlink.open(RoutingPolicy(table=cfg.table, fwmark=mark))
             tun = TunDevice(cfg.tun_name, vnet_hdr=True)  # GSO writes: datapath.tunwriter
+            if not tun.set_offload(TUN_OFFLOADS):
+                log.info("datapath: TUN offloads refused; the kernel segments for us")
             netlink.set_queue(tun.name, TUN_QUEUE)
             netlink.call(netconf.setup_link, tun.name, (), self.mtu)
             netlink.call(netconf.install_rules)
@@ -225,12 +236,13 @@ class Datapath:
             return
         slots = self._slots
         views, lengths = slots.views, slots.lengths
+        vnet = slots.vnet if getattr(tun, "offload", 0) else None
         for _ in range(MAX_BATCHES):
             n = tun.read_batch(slots)
             if not n:
                 break
             self.counters.tun_packets += n
-            outbound.process([views[i][:lengths[i]] for i in range(n)], self.clock())
+            outbound.process([views[i][:lengths[i]] for i in range(n)], self.clock(), vnet)
             if n < BATCH:
                 break
 

@@ -67,9 +67,11 @@ _HDR = struct.Struct("!II")  # SPI, low 32 bits of the sequence number
 _AAD_ESN = struct.Struct("!III")  # RFC 4106 5 / RFC 7634 3: SPI, seq high, seq low
 _U32 = struct.Struct("!I")
 
-# Padding bytes for each pad length (RFC 4303 2.4: 1, 2, 3, ...), and padding + pad length.
+# Padding bytes for each pad length (RFC 4303 2.4: 1, 2, 3, ...), and the whole trailer
+# (padding, pad length, next header) by pad length and next header.
 _PADS = tuple(bytes(range(1, n + 1)) for n in range(256))
-_TRAILERS = tuple(pad + bytes((len(pad),)) for pad in _PADS)
+# seal pads to the cipher's block (at most 16 bytes): padding below 16 bytes is all it makes.
+_TRAILERS = tuple(tuple(pad + bytes((len(pad), nh)) for nh in range(256)) for pad in _PADS[:16])
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "hmac-md5": hashes.MD5,
@@ -230,10 +232,33 @@ class EspTransform:
         out: bytearray | memoryview, offset: int = 0,
     ) -> int:
         """Write the ESP packet at ``out[offset:]``; return the offset just past it."""
+        n = len(payload)
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"payload too large ({n} bytes)")
+        at = self._pt_at
+        work = self._work
+        if len(work) < at + n + 258:  # room for the payload, padding, trailer
+            work = self._work = memoryview(bytearray(max(at + n + 258, 2048)))
+        work[at:at + n] = payload
+        return self.seal_staged(n, next_header, out, offset)
+
+    def staging(self) -> memoryview:
+        """The buffer ``seal_staged`` seals from: write the payload (up to MAX_PAYLOAD bytes)
+        at its start. Valid until the next ``staging`` or ``seal_into`` on this transform;
+        lets a caller build a packet in place instead of copying it in."""
+        at = self._pt_at
+        need = at + MAX_PAYLOAD + 258
+        if len(self._work) < need:
+            self._work = memoryview(bytearray(need))
+        return self._work[at:]
+
+    def seal_staged(
+        self, n: int, next_header: int, out: bytearray | memoryview, offset: int = 0,
+    ) -> int:
+        """Seal the ``n``-byte payload at the start of ``staging()`` (see ``seal_into``)."""
         seq = self._next_seq
         if seq > self._seq_limit:
             raise SequenceExhausted(f"SPI {self.spi:#010x}: sequence numbers used up")
-        n = len(payload)
         padlen = -(n + 2) & self._align_mask
         ptlen = n + padlen + 2
         icv_at = offset + self._head_len + ptlen
@@ -242,14 +267,9 @@ class EspTransform:
         if end > len(outmv) or n > MAX_PAYLOAD:
             raise ValueError(f"output buffer too small or payload too large ({n} bytes)")
         self._next_seq = seq + 1
-        at = self._pt_at
         work = self._work
-        if len(work) < at + ptlen:
-            work = self._work = memoryview(bytearray(max(at + ptlen, 2048)))
-        work[at:at + n] = payload
-        t = at + n
-        work[t:t + padlen + 1] = _TRAILERS[padlen]
-        work[t + padlen + 1] = next_header
+        t = self._pt_at + n
+        work[t:t + padlen + 2] = _TRAILERS[padlen][next_header]
         self._encrypt(seq, work, ptlen, outmv, offset)
         mac = self._mac
         if mac is not None:

@@ -4,14 +4,18 @@ Only outbound ipsec policies have routes into the TUN (datapath.routes), so a pa
 here normally matches one; one that matches none, or a discard/none policy, is dropped and
 counted ("none" traffic is never routed here: bypass is the kernel's plain routing).
 
-``process(packets, now)`` handles a batch: each packet is sealed into its own preallocated
-output slot and, per destination, the batch goes out in one GSO send where the socket can.
+``process(packets, now, vnet)`` handles a batch: each packet is sealed into its own
+preallocated output slot and, per destination, the batch goes out in one GSO send where the
+socket can. ``vnet`` (a TUN with offloads on) gives each packet's virtio_net_hdr: a partial
+checksum is completed first, and a TCP super-packet (TSO) is looked up once and cut into
+segments (datapath.segment) that are sealed one by one, so one read feeds one GSO send.
 A packet whose policy has no SA yet is held (bounded per policy, oldest dropped) while the
 Kernel sends SADB_ACQUIRE; ``flush_held`` sends them when an SA appears.
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
@@ -26,6 +30,7 @@ from datapath.ippacket import (
     split_transport,
 )
 from datapath.satable import SaContext, SaTable, outbound_sa
+from datapath.segment import NEEDS_CSUM, TcpSegmenter, complete_checksum
 from datapath.stats import DatapathStats
 from datapath.tun import TunDevice
 from userspace_ipsec.kernel import Delivery, Flow, Kernel
@@ -38,6 +43,8 @@ _IPSEC = PolicyType.IPSEC
 _DISCARD = PolicyType.DISCARD
 _TUNNEL = IpsecMode.TUNNEL
 SLOT_SIZE = 65535 + 256  # an inner packet of any size plus the ESP overhead
+_CSUM_AT = struct.Struct("<HH")  # virtio_net_hdr csum_start, csum_offset (at byte 6)
+_GSO_SIZE = struct.Struct("<H")  # virtio_net_hdr gso_size (at byte 4)
 
 
 class _Route:
@@ -56,7 +63,7 @@ class _Route:
 
 class Outbound:
     __slots__ = ("kernel", "table", "stats", "tun", "deliver", "path_mtu", "queue_size",
-                 "held", "last_sent", "_routes", "_slots", "_busy")
+                 "held", "last_sent", "_routes", "_slots", "_busy", "_segmenter", "_scratch")
 
     def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
                  deliver: Callable[[list[Delivery]], None], *, path_mtu: int = 1500,
@@ -75,6 +82,8 @@ class Outbound:
         # A delivery made mid-batch (an SA expired) can come back as flush_held, which must
         # not reuse the slots this batch still has to send.
         self._busy = False
+        self._segmenter = TcpSegmenter()
+        self._scratch = memoryview(bytearray(65535))  # one segment of a super-packet
 
     def _route(self, policy: Policy, src: bytes, dst: bytes) -> _Route:
         req = policy.requests[0] if policy.requests else None
@@ -87,15 +96,18 @@ class Outbound:
         self._routes[(policy, src, dst)] = route
         return route
 
-    def process(self, packets: Sequence[Buffer], now: float) -> None:
-        """Seal and send a batch of packets read from the TUN."""
+    def process(self, packets: Sequence[Buffer], now: float,
+                vnet: Sequence[memoryview] | None = None) -> None:
+        """Seal and send a batch of packets read from the TUN (``vnet[i]``: packet i's
+        virtio_net_hdr when the TUN has offloads on; packet i must then be writable)."""
         self._busy = True
         try:
-            self._process(packets, now)
+            self._process(packets, now, vnet)
         finally:
             self._busy = False
 
-    def _process(self, packets: Sequence[Buffer], now: float) -> None:
+    def _process(self, packets: Sequence[Buffer], now: float,
+                 vnet: Sequence[memoryview] | None) -> None:
         stats = self.stats
         lookup = self.kernel.spd.lookup_packed
         routes = self._routes
@@ -105,11 +117,21 @@ class Outbound:
         groups: dict[SaContext, list[memoryview]] = {}
         marked: list[SecurityAssociation] = []
         used = 0
-        for pkt in packets:
+        for k, pkt in enumerate(packets):
             if used == n_slots:  # more packets than slots: send what we have first
                 self._send(groups, now)
                 groups = {}
                 used = 0
+            gso = 0
+            if vnet is not None:
+                hdr = vnet[k]
+                gso = hdr[1]
+                if not gso and hdr[0] & NEEDS_CSUM:
+                    try:
+                        complete_checksum(pkt, *_CSUM_AT.unpack_from(hdr, 6))  # type: ignore
+                    except MalformedPacket:
+                        stats.malformed += 1
+                        continue
             try:
                 version, src, dst, proto, sport, dport, length = flow(pkt)
             except MalformedPacket:
@@ -129,6 +151,25 @@ class Outbound:
             if route is None or route.generation != generation:
                 route = self._route(policy, src, dst)
             ctx = route.ctx
+            if gso:
+                # Tunnel mode: the segments are built where the transform seals from.
+                staged = ctx is not None and route.tunnel
+                try:
+                    count = self._segmenter.load(
+                        pkt, _GSO_SIZE.unpack_from(hdr, 4)[0], gso,
+                        ctx.transform.staging() if staged else self._scratch)  # type: ignore
+                except MalformedPacket:
+                    stats.malformed += 1
+                    continue
+                stats.tso_packets += 1
+                stats.tso_segments += count
+                if ctx is None:
+                    for seg in self._segments():
+                        self._hold(policy, seg, src, dst, proto, sport, dport, now)
+                    continue
+                used, groups = self._seal_segments(ctx, route, staged, version, used, groups,
+                                                   now)
+                continue
             if ctx is None:
                 self._hold(policy, pkt, src, dst, proto, sport, dport, now)
                 continue
@@ -172,6 +213,63 @@ class Outbound:
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
+
+    def _segments(self) -> list[bytes]:
+        """The loaded super-packet's segments as packets of their own (slow path)."""
+        seg, scratch = self._segmenter, self._scratch
+        return [bytes(scratch[:seg.write(i)]) for i in range(seg.count)]
+
+    def _seal_segments(self, ctx: SaContext, route: _Route, staged: bool, version: int,
+                       used: int, groups: dict[SaContext, list[memoryview]], now: float
+                       ) -> tuple[int, dict[SaContext, list[memoryview]]]:
+        """Cut the loaded super-packet and seal each segment into the next free slot (sending
+        the slots when they run out); returns the slots used and the groups to send.
+        ``staged``: the segments are built in the transform's staging buffer (tunnel mode),
+        else in the scratch buffer and ESP goes after their IP header (transport mode)."""
+        seg, slots = self._segmenter, self._slots
+        tr = ctx.transform
+        start = 0 if staged else seg.ihl
+        nh = (4 if version == 4 else 41) if staged else 6
+        size = seg.largest - start
+        packet = seg.packet
+        if size > route.fits and ctx.outer + tr.sealed_len(size) > self.path_mtu and (
+                version == 6 or packet[6] & 0x40):
+            self._too_big(packet, version, route.fits)
+            return used, groups
+        group = groups.get(ctx)
+        if group is None:
+            group = groups[ctx] = []
+        n_slots = len(slots)
+        write = seg.write
+        seal = tr.seal_staged
+        scratch = self._scratch
+        count = seg.count
+        sealed = inner_bytes = 0
+        for i in range(count):
+            if used == n_slots:
+                self._send(groups, now)
+                group = []
+                groups = {ctx: group}
+                used = 0
+            end = write(i)
+            inner_bytes += end - start
+            out = slots[used]
+            try:
+                end = seal(end, nh, out) if staged else tr.seal_into(scratch[start:end], nh, out)
+            except SequenceExhausted:
+                self.stats.seq_exhausted += count - i
+                self.deliver(self.kernel.expire_now(ctx.sa, now))
+                break
+            used += 1
+            group.append(out[:end])
+            sealed += 1
+        sa = ctx.sa
+        sa.packets_out += sealed
+        sa.bytes_out += inner_bytes
+        if (sa.packets_in + sa.packets_out >= sa.packet_mark
+                or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
+            self.deliver(self.kernel.note_traffic(sa, now))
+        return used, groups
 
     def _send(self, groups: dict[SaContext, list[memoryview]], now: float) -> None:
         stats = self.stats

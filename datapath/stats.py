@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 class DatapathStats:
     # outbound
     tun_packets: int = 0  # packets read from the TUN
+    tso_packets: int = 0  # of which TCP super-packets (TUN offloads on) ...
+    tso_segments: int = 0  # ... cut into this many segments
     sealed: int = 0  # ESP packets made
     no_policy: int = 0  # TUN packet matching no outbound policy
     discard: int = 0  # matched a discard policy

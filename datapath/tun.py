@@ -7,6 +7,7 @@ calls into fixed buffers until EAGAIN or the bound; no per-packet buffer allocat
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from dataclasses import dataclass
 
@@ -17,18 +18,25 @@ IFF_NO_PI = pytun.IFF_NO_PI
 IFF_MULTI_QUEUE = pytun.IFF_MULTI_QUEUE
 IFF_VNET_HDR = pytun.IFF_VNET_HDR
 
-# struct virtio_net_hdr without TUNSETVNETHDRSZ. We never call TUNSETOFFLOAD, so the kernel
-# checksums and segments before handing packets over: the header is always zero both ways.
+# struct virtio_net_hdr without TUNSETVNETHDRSZ. Until TUNSETOFFLOAD the kernel checksums and
+# segments before handing packets over and the header it gives is zero; with offloads on it
+# describes partial checksums and TSO super-packets (datapath.segment).
 VNET_HDR_LEN = 10
 _ZERO_VNET_HDR = bytes(VNET_HDR_LEN)
+TUNSETOFFLOAD = 0x400454D0  # _IOW('T', 208, unsigned int)
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
 
 MAX_PACKET = 65535
 
 
 class PacketSlots:
-    """count preallocated buffers of size bytes; lengths[i] is the packet now in slot i."""
+    """count preallocated buffers of size bytes; lengths[i] is the packet now in slot i and,
+    on a TUN with a vnet header, vnet[i] its virtio_net_hdr."""
 
-    __slots__ = ("size", "buffers", "views", "lengths", "_iovs", "_vnet_iovs", "_hdr")
+    __slots__ = ("size", "buffers", "views", "lengths", "vnet", "_iovs", "_vnet_iovs")
 
     def __init__(self, count: int, size: int = MAX_PACKET) -> None:
         if count < 1 or size < 1:
@@ -39,8 +47,9 @@ class PacketSlots:
         self.lengths = [0] * count
         # Prebuilt iovec lists so the read loop allocates nothing of its own.
         self._iovs: list[list[memoryview]] = [[v] for v in self.views]
-        self._hdr = memoryview(bytearray(VNET_HDR_LEN))
-        self._vnet_iovs: list[list[memoryview]] = [[self._hdr, v] for v in self.views]
+        self.vnet = [memoryview(bytearray(VNET_HDR_LEN)) for _ in range(count)]
+        self._vnet_iovs: list[list[memoryview]] = [
+            [h, v] for h, v in zip(self.vnet, self.views, strict=True)]
 
     def __len__(self) -> int:
         return len(self.buffers)
@@ -65,7 +74,7 @@ class TunDevice:
     on the same name is one more queue of that device.
     """
 
-    __slots__ = ("_dev", "fd", "name", "vnet_hdr", "stats")
+    __slots__ = ("_dev", "fd", "name", "vnet_hdr", "offload", "stats")
 
     def __init__(self, name: str = "", *, multi_queue: bool = False, vnet_hdr: bool = False,
                  dev_path: str = "/dev/net/tun") -> None:
@@ -81,8 +90,22 @@ class TunDevice:
         self.fd: int = self._dev.fileno()
         self.name: str = self._dev.name
         self.vnet_hdr = vnet_hdr
+        self.offload = 0  # TUN_F_* flags in force (set_offload)
         self.stats = TunStats()
         os.set_blocking(self.fd, False)
+
+    def set_offload(self, flags: int) -> bool:
+        """Let the kernel hand over packets with partial checksums (TUN_F_CSUM) and TCP
+        super-packets (TUN_F_TSO4/6) described by the vnet header. Needs vnet_hdr; False if
+        the kernel refuses the flags (then nothing changed)."""
+        if not self.vnet_hdr:
+            return False
+        try:
+            fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+        except OSError:
+            return False
+        self.offload = flags
+        return True
 
     def fileno(self) -> int:
         return self.fd
