@@ -9,11 +9,12 @@ local endpoint if it is ours, else none.
 
 from __future__ import annotations
 
+import bisect
 import ipaddress
 import logging
 import socket
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 from userspace_ipsec.pfkey.constants import IpsecMode, PolicyDir, PolicyType
 from userspace_ipsec.sa import Policy
@@ -40,30 +41,68 @@ def local_addresses() -> frozenset[bytes]:
     return frozenset(out)
 
 
-def preferred_source(policy: Policy, local: Iterable[bytes]) -> str | None:
-    """A local address inside the source selector, else the tunnel's local endpoint."""
+class LocalIndex:
+    """The local addresses sorted as integers per IP version: the lowest one inside a prefix
+    is one bisection away, whatever the number of addresses."""
+
+    __slots__ = ("packed", "sorted")
+
+    def __init__(self, local: Iterable[bytes]) -> None:
+        self.packed = frozenset(local)
+        self.sorted: dict[int, list[int]] = {4: [], 6: []}
+        for a in self.packed:
+            if len(a) in (4, 16):
+                self.sorted[4 if len(a) == 4 else 6].append(int.from_bytes(a, "big"))
+        for values in self.sorted.values():
+            values.sort()
+
+    def lowest_in(self, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str | None:
+        values = self.sorted[net.version]
+        i = bisect.bisect_left(values, int(net.network_address))
+        if i < len(values) and values[i] <= int(net.broadcast_address):
+            return str(ipaddress.ip_address(values[i]) if net.version == 4
+                       else ipaddress.IPv6Address(values[i]))
+        return None
+
+
+def preferred_source(policy: Policy, local: Iterable[bytes] | LocalIndex) -> str | None:
+    """A local address inside the source selector (the lowest), else the tunnel's local
+    endpoint."""
+    index = local if isinstance(local, LocalIndex) else LocalIndex(local)
     net = policy.selector.src
-    inside = sorted(ipaddress.ip_address(a) for a in local
-                    if len(a) == (4 if net.version == 4 else 16)
-                    and ipaddress.ip_address(a) in net)
-    if inside:
-        return str(inside[0])
+    inside = index.lowest_in(net)
+    if inside is not None:
+        return inside
     req = policy.requests[0] if policy.requests else None
     if req is not None and req.mode == IpsecMode.TUNNEL and req.src is not None \
-            and req.src.version == net.version and req.src.packed in set(local):
+            and req.src.version == net.version and req.src.packed in index.packed:
         return str(req.src)
     return None
 
 
-def wanted_routes(policies: Iterable[Policy], local: frozenset[bytes]) -> dict[str, str | None]:
-    """Destination prefix -> preferred source for every outbound ipsec policy (first wins)."""
+SourceCache = dict[tuple[Any, ...], str | None]
+MAX_CACHED_SOURCES = 1 << 16  # selectors of policies long gone are forgotten past this
+
+
+def wanted_routes(policies: Iterable[Policy], local: frozenset[bytes] | LocalIndex,
+                  cache: SourceCache | None = None) -> dict[str, str | None]:
+    """Destination prefix -> preferred source for every outbound ipsec policy (first wins).
+    ``cache`` remembers sources per (selector, request) for one set of local addresses."""
+    index = local if isinstance(local, LocalIndex) else LocalIndex(local)
+    cache = {} if cache is None else cache
     routes: dict[str, str | None] = {}
     for policy in policies:
         if policy.direction != PolicyDir.OUTBOUND or policy.action != PolicyType.IPSEC:
             continue
         dst = str(policy.selector.dst)
-        if dst not in routes:
-            routes[dst] = preferred_source(policy, local)
+        if dst in routes:
+            continue
+        req = policy.requests[0] if policy.requests else None
+        key = (policy.selector.src, req.mode if req else None, req.src if req else None)
+        src = cache.get(key, cache)
+        if src is cache:
+            src = cache[key] = preferred_source(policy, index)
+        routes[dst] = src  # type: ignore[assignment]
     return routes
 
 
@@ -71,17 +110,24 @@ class RouteSync:
     """Keeps the installed routes equal to ``wanted_routes`` of the SPD; failures are logged
     and retried on the next sync (a route the kernel refuses must not stop the daemon)."""
 
-    __slots__ = ("installer", "ifname", "installed", "errors")
+    __slots__ = ("installer", "ifname", "installed", "errors", "_index", "_sources")
 
     def __init__(self, installer: RouteInstaller, ifname: str) -> None:
         self.installer = installer
         self.ifname = ifname
         self.installed: dict[str, str | None] = {}
         self.errors = 0
+        self._index: LocalIndex | None = None
+        self._sources: SourceCache = {}
 
     def sync(self, policies: Iterable[Policy], local: frozenset[bytes]) -> bool:
         """Add, change and remove routes; True when everything is in place."""
-        want = wanted_routes(policies, local)
+        index = self._index
+        if index is None or (index.packed is not local and index.packed != local) or \
+                len(self._sources) > MAX_CACHED_SOURCES:
+            self._index = index = LocalIndex(local)
+            self._sources = {}
+        want = wanted_routes(policies, index, self._sources)
         ok = True
         for dst in [d for d in self.installed if d not in want]:
             try:
