@@ -131,8 +131,10 @@ class Datapath:
                              local=frozenset)
         self.outbound: Outbound | None = None
         self.inbound: Inbound | None = None
-        self.mtu = tun_mtu(config.path_mtu, WORST_OVERHEAD,
-                           ipv6=config.path_mtu - WORST_OVERHEAD >= 1280)
+        # A fixed [datapath] tun_mtu wins; else the worst case until SAs say what they add.
+        self._fixed_mtu: int = getattr(config, "tun_mtu", 0) or 0
+        self.mtu = self._fixed_mtu or tun_mtu(config.path_mtu, WORST_OVERHEAD,
+                                              ipv6=config.path_mtu - WORST_OVERHEAD >= 1280)
         self._slots = PacketSlots(BATCH)
         self._batch = DatagramBatch(BATCH)
         self._ike: IkeHandler | None = None
@@ -338,12 +340,40 @@ class Datapath:
                 self._sad_gen = kernel.sad.generation
                 self.table.refresh()
                 self._keepalive_peers()
+                self._adapt_mtu()
                 self._flush_due = True
             if self._flush_due:
                 self._flush_due = bool(self.outbound is not None and self.outbound.held
                                        and not self.outbound.flush_held(self.clock()))
         finally:
             self._syncing = False
+
+    def _adapt_mtu(self) -> None:
+        """Size the TUN MTU by the overhead of the SAs in use rather than the worst case (AES-GCM
+        in UDP over IPv4 adds at most 65 bytes, not 121), so that, e.g., 1400-byte packets
+        cross a 1500-byte path whole. Only grows past the worst case's MTU while every SA
+        allows it; Outbound still checks each packet against its own SA (ICMP PTB)."""
+        netlink, tun = self.netlink, self.tun
+        contexts = self.table.by_spi.values()
+        if self._fixed_mtu or netlink is None or netlink.netconf is None or tun is None \
+                or not contexts:
+            return
+        path = self.config.path_mtu
+        overhead = max(c.outer + c.transform.max_overhead for c in contexts)
+        try:
+            mtu = tun_mtu(path, overhead, ipv6=path - overhead >= 1280)
+        except ValueError:
+            return
+        if mtu == self.mtu:
+            return
+        try:
+            netlink.call(netlink.netconf.setup_link, tun.name, (), mtu)
+        except Exception as exc:  # keep the old MTU: still correct, only smaller
+            log.warning("datapath: cannot set TUN MTU %d: %s", mtu, exc)
+            return
+        log.info("datapath: TUN %s mtu %d (SA overhead up to %d bytes)", tun.name, mtu,
+                 overhead)
+        self.mtu = mtu
 
     def tick(self, now: float) -> None:
         """Timer work: local address refresh, NAT keepalives."""
