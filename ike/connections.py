@@ -119,6 +119,39 @@ class Connections:
     source: str = "<defaults>"
 
 
+class _IndexedLocator(_Locator):
+    """userspace_ipsec.config's locator with the tables' line ranges indexed once: each lookup
+    scans one table's lines, not the whole text, so a configuration with thousands of
+    connections is located in linear time (it took seconds for 1,000)."""
+
+    _HEADER = re.compile(r"^\s*\[+\s*([^\]]+?)\s*\]+\s*(#.*)?$")
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        starts: list[tuple[int, str]] = []
+        for index, line in enumerate(self.lines):
+            match = self._HEADER.match(line)
+            if match:
+                starts.append((index, match.group(1)))
+        # table -> (header index, first index past its block), in order; "" is the top.
+        self._blocks: dict[str, list[tuple[int, int]]] = {
+            "": [(-1, starts[0][0] if starts else len(self.lines))]}
+        for n, (index, table) in enumerate(starts):
+            end = starts[n + 1][0] if n + 1 < len(starts) else len(self.lines)
+            self._blocks.setdefault(table, []).append((index, end))
+
+    def line_of(self, table: str, key: str | None = None) -> int | None:
+        blocks = self._blocks.get(table, [])
+        if key is None:
+            return next((header + 1 for header, _ in blocks if header >= 0), None)
+        key_re = re.compile(rf"^\s*{re.escape(key)}\s*=")
+        for header, end in blocks:
+            for index in range(header + 1, end):
+                if key_re.match(self.lines[index]):
+                    return index + 1
+        return None
+
+
 # -- values ---------------------------------------------------------------------------------
 
 
@@ -482,7 +515,7 @@ def _secrets_file(file: Path, referrer: str, line: int | None) -> list[_Secret]:
         doc = tomllib.loads(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise ConfigError(name, None, f"not a TOML secrets file: {exc}") from None
-    locate = _Locator(text)
+    locate = _IndexedLocator(text)
     for key in doc:
         if key != "secrets":
             raise ConfigError(name, locate.line_of(key), f"unknown table [{key}]")
@@ -552,7 +585,7 @@ def from_config(config: Config) -> Connections:
 
 def from_document(doc: dict[str, Any], path: str, text: str,
                   allow_weak: bool = False) -> Connections:
-    locate = _Locator(text)
+    locate = _IndexedLocator(text)
     for key in TABLES:
         if key in doc and not isinstance(doc[key], dict):
             raise ConfigError(path, locate.line_of("", key), f"{key} must be a table")
