@@ -12,9 +12,9 @@ identity (``cI.bench``, so that INITIAL_CONTACT of one drops no other) and its o
 The clock starts when the initiator is told to start all N at once and stops when it holds N
 established IKE SAs with their Child SAs installed:
 
-- ours (``uipsec daemon`` with its datapath, logging at WARNING): the N connections are loaded
-  with ``start_action = "none"``, then rewritten to ``"start"`` and ``uipsec reload``-ed; done
-  when its SAD (PF_KEY DUMP) holds 2N SAs.
+- ours (``uipsec daemon`` with its datapath, logging at INFO, its default): the N connections
+  are loaded with ``start_action = "none"``, then rewritten to ``"start"`` and ``uipsec
+  reload``-ed; done when its log shows N Child SAs installed.
 - strongSwan (charon 5.x with kernel-libipsec, tests.strongswan, logging off): the same with
   ``swanctl --load-conns``; done when ``swanctl --stats`` counts N IKE SAs, none half-open,
   and ``swanctl --list-sas`` N installed Child SAs.
@@ -43,7 +43,6 @@ import click
 from benchmarks.topology import stop_process
 from userspace_ipsec.control import ControlError, request
 from userspace_ipsec.lab import Netns, NetnsHarness, link, sweep_stale
-from userspace_ipsec.pfkey.client import PfkeyClient
 
 LEFT, RIGHT = "10.9.0.1", "10.9.0.2"
 PSK = "0x" + "b3" * 32  # benchmark-only key
@@ -129,15 +128,22 @@ class OursDaemon:
     def log(self) -> str:
         return (self.run_dir / "daemon.log").read_text(errors="replace")[-3000:]
 
-    def sa_count(self) -> int:
-        with PfkeyClient(self.run_dir / "pfkey.sock") as client:
-            return sum(1 for _ in client.dump())
-
     def trigger(self, n: int) -> Callable[[], int]:
-        """Start all N connections; returns a poll of how many are up."""
+        """Start all N connections; returns a poll of how many are up: the log's lines of
+        installed Child SAs (a PF_KEY DUMP of thousands of SAs would load the daemon)."""
         self.config.write_text(ours_initiator_config(n, start=True))
         request(self.run_dir / "control.sock", "reload", timeout=120)
-        return lambda: self.sa_count() // 2
+        log = (self.run_dir / "daemon.log").open("rb")
+        count, rest = 0, b""
+
+        def poll() -> int:
+            nonlocal count, rest
+            chunk = rest + log.read()
+            complete, _, rest = chunk.rpartition(b"\n")
+            count += complete.count(b": Child SA installed,")
+            return count
+
+        return poll
 
 
 # -- strongSwan -----------------------------------------------------------------------------
@@ -268,7 +274,7 @@ def add_selector_addresses(gw_l: Netns, gw_r: Netns, n: int) -> None:
             raise RuntimeError(f"adding {n} addresses in {ns.role}: {done.stderr[-500:]}")
 
 
-def run_case(case: str, n: int, timeout: float) -> Result:
+def run_case(case: str, n: int, timeout: float, logs: Path | None = None) -> Result:
     initiator_kind, responder_kind = case.split("-")
     with NetnsHarness(prefix=PREFIX) as h, tempfile.TemporaryDirectory(
             prefix="uipsec-ike-bench-") as tmp:
@@ -287,7 +293,12 @@ def run_case(case: str, n: int, timeout: float) -> Result:
                 if done >= n:
                     break
                 time.sleep(POLL)
-            return Result(case, n, time.monotonic() - started, done)
+            result = Result(case, n, time.monotonic() - started, done)
+        if logs is not None:  # before the work directory goes
+            for log in work.glob("*/daemon.log"):
+                dest = logs / f"{case}-{n}-{log.parent.name}.log"
+                dest.write_bytes(log.read_bytes())
+        return result
 
 
 CASES = ("ours-ours", "ours-strongswan", "strongswan-ours", "strongswan-strongswan")
@@ -311,7 +322,9 @@ def print_report(results: list[Result]) -> None:
               help="Comma-separated initiator-responder cases.")
 @click.option("--timeout", default=300.0, show_default=True,
               help="Seconds to wait for one case and N.")
-def main(counts: str, case_names: str, timeout: float) -> None:
+@click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep our daemons' logs in this directory.")
+def main(counts: str, case_names: str, timeout: float, logs: Path | None) -> None:
     """Time N IKE SAs (with a Child SA each) coming up, per implementation pair."""
     if os.geteuid() != 0:
         raise click.UsageError("run as root: the benchmark builds network namespaces")
@@ -336,11 +349,13 @@ def main(counts: str, case_names: str, timeout: float) -> None:
     # SIGTERM (a timeout around us) unwinds like Ctrl-C: namespaces and daemons are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     sweep_stale(PREFIX)
+    if logs is not None:
+        logs.mkdir(parents=True, exist_ok=True)
     results = []
     for n in ns:
         for case in cases:
             print(f"{case}: {n} IKE SAs ...", file=sys.stderr, flush=True)
-            result = run_case(case, n, timeout)
+            result = run_case(case, n, timeout, logs)
             print(f"  {result.seconds:.2f} s, {result.rate:.1f}/s", file=sys.stderr)
             results.append(result)
     print(f"\nIKE SAs (each with one Child SA) set up at once, {os.cpu_count()} CPUs, "
