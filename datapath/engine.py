@@ -52,6 +52,7 @@ MAX_BATCHES = 16  # batches per wake-up, so one busy fd cannot starve the others
 # Outer IPv6 + UDP + ESP header, 16-byte IV, 15 bytes of padding, trailer, 32-byte ICV.
 WORST_OVERHEAD = 40 + 8 + 8 + 16 + 15 + 2 + 32
 LOCAL_REFRESH = 10.0  # seconds between re-reads of the local addresses
+SYNC_DELAY = 0.02  # seconds: SAD/SPD changes are followed at most this often
 # The TUN's queue towards us (500 by default): room for the bursts that arrive while the daemon
 # waits for a CPU, which on a busy host otherwise overflow it.
 TUN_QUEUE = 4096
@@ -144,6 +145,7 @@ class Datapath:
         self._sad_gen = -1
         self._syncing = False
         self._flush_due = False  # held packets to retry after a change seen mid-batch
+        self._sync_timer: asyncio.TimerHandle | None = None
         self._local_at = 0.0
         self._peers: dict[tuple[Any, ...], UdpSocket] = {}
 
@@ -214,6 +216,9 @@ class Datapath:
                  ",".join(cfg.udp_bind), cfg.udp_port, "on" if raw else "off")
 
     def close(self) -> None:
+        if self._sync_timer is not None:
+            self._sync_timer.cancel()
+            self._sync_timer = None
         if self._loop is not None:
             for fd in self._readers:
                 self._loop.remove_reader(fd)
@@ -326,7 +331,23 @@ class Datapath:
     # -- control -----------------------------------------------------------------------------
 
     def sync(self) -> None:
-        """Follow SPD and SAD changes: routes, SA contexts, held packets, keepalive peers."""
+        """Follow SPD and SAD changes: routes, SA contexts, held packets, keepalive peers.
+
+        Called after every PF_KEY message, so under a running loop the work (which walks the
+        whole SAD and SPD) is coalesced: done at most once per SYNC_DELAY, so that installing
+        thousands of tunnels stays linear. Inbound batches re-index the SAD themselves before
+        looking up an SPI, so a new SA's first packets never wait for this."""
+        kernel = self.kernel
+        if kernel.spd.generation == self._spd_gen and kernel.sad.generation == self._sad_gen \
+                and not self._flush_due:
+            return
+        if self._loop is None:
+            self._sync_now()
+        elif self._sync_timer is None:
+            self._sync_timer = self._loop.call_later(SYNC_DELAY, self._sync_now)
+
+    def _sync_now(self) -> None:
+        self._sync_timer = None
         if self._syncing:
             return
         self._syncing = True
