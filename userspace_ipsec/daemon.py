@@ -105,7 +105,6 @@ class Daemon:
                 self.datapath.start(loop)
                 self.pfkey.after_dispatch = self.datapath.sync
             timer = asyncio.create_task(self._timer_loop())
-            await self.control.start()
             if self.ike is not None:
                 from ike.control_cmds import register
 
@@ -113,6 +112,8 @@ class Daemon:
                 register(self.control, self.ike)
                 log.info("daemon: IKE service running (%d connections)",
                          len(self.ike.connections.connections))
+            # Last: a client that finds the control socket finds every command behind it.
+            await self.control.start()
             await self._stop.wait()
             log.info("daemon: stopping")
         finally:
