@@ -80,20 +80,26 @@ class _Undo:
 class NetConfig:
     """Idempotent installer of the datapath's addresses, routes and rules, with exact undo."""
 
-    __slots__ = ("policy", "_ipr", "_own_ipr", "_undo")
+    __slots__ = ("policy", "_ipr", "_own_ipr", "_undo", "_routes", "_ifindex")
 
     def __init__(self, policy: RoutingPolicy | None = None, ipr: IPRoute | None = None) -> None:
         self.policy = policy or RoutingPolicy()
         self._own_ipr = ipr is None
         self._ipr = ipr if ipr is not None else IPRoute()
         self._undo: list[_Undo] = []
+        self._routes: set[str] = set()  # the routes among _undo, by description
+        self._ifindex: dict[str, int] = {}  # a dump of every link per route is costly
 
     # -- helpers -----------------------------------------------------------------------------
     def _index(self, ifname: str) -> int:
+        index = self._ifindex.get(ifname)
+        if index is not None:
+            return index
         found = self._ipr.link_lookup(ifname=ifname)
         if not found:
             raise NetConfigError(f"no interface named {ifname!r}")
-        return int(found[0])
+        index = self._ifindex[ifname] = int(found[0])
+        return index
 
     def _do(self, what: str, fn: Any, *args: Any, **kw: Any) -> bool:
         """Run a netlink request; False if it already existed, NetConfigError on failure."""
@@ -158,15 +164,22 @@ class NetConfig:
         """
         kw = self._route_kw(dst, ifname, src)
         what = f"route {dst} dev {ifname} table {self.policy.table}"
-        if not self._do(what, self._ipr.route, "add", **kw):
-            self._do(what, self._ipr.route, "replace", **kw)
-        if not any(u.kind == "route" and u.what == what for u in self._undo):
+        try:
+            if not self._do(what, self._ipr.route, "add", **kw):
+                self._do(what, self._ipr.route, "replace", **kw)
+        except NetConfigError:
+            self._ifindex.pop(ifname, None)  # the device may have gone: look it up again
+            raise
+        if what not in self._routes:
+            self._routes.add(what)
             self._undo.append(_Undo(what, "route", kw))
 
     def remove_route(self, dst: str, ifname: str) -> None:
         what = f"route {dst} dev {ifname} table {self.policy.table}"
         self._delete(_Undo(what, "route", self._route_kw(dst, ifname, None)))
-        self._undo = [u for u in self._undo if u.what != what]
+        if what in self._routes:
+            self._routes.discard(what)
+            self._undo = [u for u in self._undo if u.what != what]
 
     # -- rules -------------------------------------------------------------------------------
     def install_rules(self) -> None:
@@ -199,6 +212,8 @@ class NetConfig:
     def remove_all(self) -> None:
         """Undo everything installed, newest first; keeps going and reports all failures."""
         errors = []
+        self._routes.clear()
+        self._ifindex.clear()
         while self._undo:
             u = self._undo.pop()
             try:
