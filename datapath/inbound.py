@@ -9,6 +9,7 @@ and counted as a policy mismatch.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Sequence
 
 from datapath.esp import DropReason, EspDrop
@@ -28,10 +29,12 @@ _FWD = int(PolicyDir.FWD)
 _IPSEC = PolicyType.IPSEC
 _TRANSPORT = IpsecMode.TRANSPORT
 _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
+_SPI = struct.Struct("!I")
 
 
 class Inbound:
-    __slots__ = ("kernel", "table", "stats", "writer", "deliver", "_buf")
+    __slots__ = ("kernel", "table", "stats", "writer", "deliver", "_buf", "_allowed",
+                 "_spd_generation")
 
     def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
                  deliver: Callable[[list[Delivery]], None]) -> None:
@@ -41,22 +44,26 @@ class Inbound:
         self.writer = TunWriter(tun.fd, tun.write, vnet=getattr(tun, "vnet_hdr", False))
         self.deliver = deliver
         self._buf = memoryview(bytearray(_HEADROOM + 65536))
+        # (SA, selectors) -> may pass: one lookup per flow, not per packet.
+        self._allowed: dict[tuple[SecurityAssociation, bytes, bytes, int, int, int], bool] = {}
+        self._spd_generation = -1
 
     def process(self, packets: Sequence[Buffer], now: float) -> None:
         """Open a batch of ESP packets (each from the SPI on) and write them to the TUN."""
         table = self.table
-        table.refresh()
+        spd_generation = self.kernel.spd.generation
+        if table.refresh() or spd_generation != self._spd_generation:
+            self._allowed.clear()  # the SAD or SPD changed
+            self._spd_generation = spd_generation
         by_spi = table.by_spi
         stats = self.stats
         buf = self._buf
-        lookup = self.kernel.spd.lookup_packed
-        satisfies = table.satisfies
-        writer = self.writer
-        push = writer.push
+        allowed = self._allowed
+        push = self.writer.push
         marked: list[SecurityAssociation] = []
         delivered = 0
         for esp in packets:
-            ctx = by_spi.get(int.from_bytes(esp[:4], "big"))
+            ctx = by_spi.get(_SPI.unpack_from(esp)[0]) if len(esp) >= 4 else None
             if ctx is None:
                 stats.no_sa += 1
                 continue
@@ -64,17 +71,7 @@ class Inbound:
             try:
                 nh, end = ctx.transform.open_into(esp, buf, _HEADROOM)
             except EspDrop as drop:
-                reason = drop.reason
-                if reason == DropReason.REPLAY:
-                    sa.replay_drops += 1
-                    stats.replay += 1
-                elif reason == DropReason.AUTH:
-                    sa.auth_failures += 1
-                    stats.auth_failures += 1
-                elif reason == DropReason.DUMMY:
-                    stats.dummy += 1
-                else:
-                    stats.malformed += 1
+                self._dropped(sa, drop.reason)
                 continue
             size = end - _HEADROOM
             if (nh == 4 or nh == 41) and sa.mode != _TRANSPORT:
@@ -90,12 +87,15 @@ class Inbound:
             except MalformedPacket:
                 stats.malformed += 1
                 continue
-            policy = lookup(_IN, src, dst, proto, sport, dport)
-            if policy is None or policy.action != _IPSEC or not satisfies(sa, policy):
-                policy = lookup(_FWD, src, dst, proto, sport, dport)
-                if policy is None or policy.action != _IPSEC or not satisfies(sa, policy):
-                    stats.policy_mismatch += 1
-                    continue
+            key = (sa, src, dst, proto, sport, dport)
+            ok = allowed.get(key)
+            if ok is None:
+                if len(allowed) > 4096:
+                    allowed.clear()
+                ok = allowed[key] = self._allowed_by_policy(sa, src, dst, proto, sport, dport)
+            if not ok:
+                stats.policy_mismatch += 1
+                continue
             sa.packets_in += 1
             sa.bytes_in += size
             if (sa.packets_in + sa.packets_out >= sa.packet_mark
@@ -103,11 +103,34 @@ class Inbound:
                 marked.append(sa)
             push(inner)
             delivered += 1
-        writer.flush()
+        self.writer.flush()
         stats.opened += delivered
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
+
+    def _allowed_by_policy(self, sa: SecurityAssociation, src: bytes, dst: bytes, proto: int,
+                           sport: int, dport: int) -> bool:
+        """RFC 4301 5.2: an in or fwd ipsec policy matches and its template takes this SA."""
+        lookup, satisfies = self.kernel.spd.lookup_packed, self.table.satisfies
+        for direction in (_IN, _FWD):
+            policy = lookup(direction, src, dst, proto, sport, dport)
+            if policy is not None and policy.action == _IPSEC and satisfies(sa, policy):
+                return True
+        return False
+
+    def _dropped(self, sa: SecurityAssociation, reason: DropReason) -> None:
+        stats = self.stats
+        if reason == DropReason.REPLAY:
+            sa.replay_drops += 1
+            stats.replay += 1
+        elif reason == DropReason.AUTH:
+            sa.auth_failures += 1
+            stats.auth_failures += 1
+        elif reason == DropReason.DUMMY:
+            stats.dummy += 1
+        else:
+            stats.malformed += 1
 
     def _rebuild(self, src: bytes, dst: bytes, proto: int, size: int, natt: bool) -> Buffer:
         """Transport mode: the SA's addresses around the payload now at buf[_HEADROOM:]."""

@@ -52,6 +52,21 @@ def ones_sum(data: Buffer) -> int:
     return r if r or not x else 0xFFFF
 
 
+_HALVES: dict[int, tuple[int, int, int, int]] = {}
+
+
+def _halves(nbytes: int) -> tuple[int, int, int, int]:
+    """Two fold steps (shift, mask) for an integer of ``nbytes`` bytes: x = (x >> s) + (x & m)
+    keeps x modulo 0xFFFF (s is a multiple of 16 bits) and quarters its size, which makes the
+    final ``%`` cheaper by more than the folds cost."""
+    found = _HALVES.get(nbytes)
+    if found is None:
+        low = 16 * ((nbytes + 3) >> 2)  # half of the 16-bit words, rounded up
+        second = 16 * ((low // 16 + 2) >> 1)
+        found = _HALVES[nbytes] = (low, (1 << low) - 1, second, (1 << second) - 1)
+    return found
+
+
 def complete_checksum(packet: bytearray | memoryview, start: int, offset: int) -> None:
     """Finish a CHECKSUM_PARTIAL packet: the field at start + offset holds the pseudo-header
     sum; the checksum covers everything from ``start`` on. Raises MalformedPacket if the
@@ -186,6 +201,9 @@ class TcpSegmenter:
         body = int.from_bytes(chunk, "big")
         if plen & 1:
             body <<= 8
+        s1, m1, s2, m2 = _halves(plen + (plen & 1))
+        body = (body >> s1) + (body & m1)
+        body = (body >> s2) + (body & m2)
         csum = -(self._tcp_const + tcp_len + (seq >> 16) + (seq & 0xFFFF) + flags + body) % 0xFFFF
         _TCP_VAR_CSUM.pack_into(out, ihl + 4, seq, self._ack, self._doff, flags, self._window,
                                 csum)

@@ -27,6 +27,9 @@ _ZERO_VNET = bytes(_VNET.size)
 _NEEDS_CSUM = 1
 _GSO_TCPV4 = 1
 _ADDRS = struct.Struct("!HHHH")
+# IPv4 + TCP fields GRO compares: version/IHL, TOS, total length, (id), fragment, TTL, protocol,
+# (checksum), addresses and ports, sequence, ack, data offset, flags, window.
+_TCP4 = struct.Struct("!BBH2xHBB2x12sIIBBH")
 _U16 = struct.Struct("!H")
 MAX_SEGMENTS = 64  # the kernel's GRO bound (MAX_GSO_SEGS is larger; keep to GRO's)
 MAX_GSO_BYTES = 65535
@@ -58,50 +61,52 @@ class TunWriter:
         self._next_seq = 0
         self._short = False  # the last pending segment was shorter than the MSS
         self._key = b""  # addresses and ports
-        self._same = b""  # TOS, TTL, ack, window, options: must match to merge
+        self._same: tuple[int, int, int, int, bytes] = (0, 0, 0, 0, b"")  # TOS, TTL, ack,
+        # window, options: must match to merge
         self._psh = 0
 
     def push(self, pkt: Buffer) -> None:
         """Write ``pkt`` (an IP packet), or keep it to merge with the next ones."""
         n = len(pkt)
-        if (self.vnet and n > 40 and pkt[0] == 0x45 and pkt[9] == 6
-                and not (pkt[6] & 0x3F or pkt[7]) and pkt[33] in (0x10, 0x18)):
-            hlen = 20 + (pkt[32] >> 4) * 4
-            total = (pkt[2] << 8) | pkt[3]
-            plen = total - hlen
-            if hlen >= 40 and plen > 0 and total <= n:
-                seq = int.from_bytes(pkt[24:28], "big")
-                same = bytes(pkt[1:2]) + bytes(pkt[8:9]) + bytes(pkt[28:32]) + \
-                    bytes(pkt[34:36]) + bytes(pkt[40:hlen])
-                if (self._count and seq == self._next_seq and not self._short
-                        and plen <= self._mss and hlen == self._hlen
-                        and self._size + plen <= MAX_GSO_BYTES
-                        and self._count < MAX_SEGMENTS and pkt[12:24] == self._key
-                        and same == self._same):
+        if self.vnet and n > 40:
+            vihl, tos, total, frag, ttl, proto, key, seq, ack, doff, flags, window = \
+                _TCP4.unpack_from(pkt)
+            if vihl == 0x45 and proto == 6 and not frag & 0x3FFF and (
+                    flags == 0x10 or flags == 0x18):
+                hlen = 20 + (doff >> 4) * 4
+                plen = total - hlen
+                if hlen >= 40 and plen > 0 and total <= n:
+                    same = (tos, ttl, ack, window, bytes(pkt[40:hlen]) if hlen > 40 else b"")
                     size = self._size
-                    self._buf[size:size + plen] = pkt[hlen:total]
-                    self._size = size + plen
-                    self._count += 1
+                    if (self._count and seq == self._next_seq and not self._short
+                            and plen <= self._mss and hlen == self._hlen
+                            and size + plen <= MAX_GSO_BYTES
+                            and self._count < MAX_SEGMENTS and key == self._key
+                            and same == self._same):
+                        self._buf[size:size + plen] = pkt[hlen:total]
+                        self._size = size + plen
+                        self._count += 1
+                        self._next_seq = (seq + plen) & 0xFFFFFFFF
+                        self._short = plen < self._mss
+                        if flags & 0x08:
+                            self._psh = 0x08
+                            self.flush()
+                        return
+                    if self._count:
+                        self.flush()
+                    self._buf[:total] = pkt[:total]
+                    self._count = 1
+                    self._size = total
+                    self._hlen = hlen
+                    self._mss = plen
                     self._next_seq = (seq + plen) & 0xFFFFFFFF
-                    self._short = plen < self._mss
-                    self._psh |= pkt[33] & 0x08
+                    self._short = False
+                    self._key = key
+                    self._same = same
+                    self._psh = flags & 0x08
                     if self._psh:
                         self.flush()
                     return
-                self.flush()
-                self._buf[:total] = pkt[:total]
-                self._count = 1
-                self._size = total
-                self._hlen = hlen
-                self._mss = plen
-                self._next_seq = (seq + plen) & 0xFFFFFFFF
-                self._short = False
-                self._key = bytes(pkt[12:24])
-                self._same = same
-                self._psh = pkt[33] & 0x08
-                if self._psh:
-                    self.flush()
-                return
         if self._count:
             self.flush()
         self.write_one(pkt)
