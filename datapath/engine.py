@@ -52,7 +52,6 @@ MAX_BATCHES = 16  # batches per wake-up, so one busy fd cannot starve the others
 # Outer IPv6 + UDP + ESP header, 16-byte IV, 15 bytes of padding, trailer, 32-byte ICV.
 WORST_OVERHEAD = 40 + 8 + 8 + 16 + 15 + 2 + 32
 LOCAL_REFRESH = 10.0  # seconds between re-reads of the local addresses
-SYNC_DELAY = 0.02  # seconds: SAD/SPD changes are followed at most this often
 # The TUN's queue towards us (500 by default): room for the bursts that arrive while the daemon
 # waits for a CPU, which on a busy host otherwise overflow it.
 TUN_QUEUE = 4096
@@ -145,7 +144,7 @@ class Datapath:
         self._sad_gen = -1
         self._syncing = False
         self._flush_due = False  # held packets to retry after a change seen mid-batch
-        self._sync_timer: asyncio.TimerHandle | None = None
+        self._sync_timer: asyncio.Handle | None = None
         self._local_at = 0.0
         self._peers: dict[tuple[Any, ...], UdpSocket] = {}
 
@@ -334,9 +333,10 @@ class Datapath:
         """Follow SPD and SAD changes: routes, SA contexts, held packets, keepalive peers.
 
         Called after every PF_KEY message, so under a running loop the work (which walks the
-        whole SAD and SPD) is coalesced: done at most once per SYNC_DELAY, so that installing
-        thousands of tunnels stays linear. Inbound batches re-index the SAD themselves before
-        looking up an SPI, so a new SA's first packets never wait for this."""
+        whole SAD and SPD) is coalesced into one run at the next turn of the loop: a burst of
+        PF_KEY messages read in one wake-up costs one walk, while a single change (an IKE
+        responder installing its Child SA before it answers) is followed before the IKE
+        daemon even reads the kernel's reply."""
         kernel = self.kernel
         if kernel.spd.generation == self._spd_gen and kernel.sad.generation == self._sad_gen \
                 and not self._flush_due:
@@ -344,7 +344,7 @@ class Datapath:
         if self._loop is None:
             self._sync_now()
         elif self._sync_timer is None:
-            self._sync_timer = self._loop.call_later(SYNC_DELAY, self._sync_now)
+            self._sync_timer = self._loop.call_soon(self._sync_now)
 
     def _sync_now(self) -> None:
         self._sync_timer = None

@@ -12,11 +12,12 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from .rundir import listen_unix
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,10 @@ class ControlServer:
         self._handlers[command] = handler
 
     async def start(self) -> None:
-        self.path.unlink(missing_ok=True)
-        old_umask = os.umask(0o177)
-        try:
-            self._server = await asyncio.start_unix_server(
-                self._serve, path=str(self.path), limit=MAX_REQUEST
-            )
-        finally:
-            os.umask(old_umask)
+        listener = listen_unix(self.path, socket.SOCK_STREAM)
+        self._server = await asyncio.start_unix_server(
+            self._serve, sock=listener, limit=MAX_REQUEST
+        )
 
     async def close(self) -> None:
         if self._server is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,3 +92,33 @@ class RunDirLock:
         finally:
             os.close(self._fd)
             self._fd = None
+
+
+def listen_unix(path: Path, kind: int, *, group_gid: int | None = None,
+                backlog: int = 128) -> socket.socket:
+    """A listening Unix socket at ``path``, mode 0600 (0660 with ``group_gid``).
+
+    It is bound under a temporary name and renamed into place once listening, so whoever sees
+    the file can connect: no window where it exists but refuses, and none where it has looser
+    permissions than intended.
+    """
+    temporary = path.with_name(f".{path.name}.{os.getpid()}")
+    temporary.unlink(missing_ok=True)
+    sock = socket.socket(socket.AF_UNIX, kind)
+    try:
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(str(temporary))
+        finally:
+            os.umask(old_umask)
+        if group_gid is not None:
+            os.chown(temporary, -1, group_gid)
+            os.chmod(temporary, 0o660)
+        sock.listen(backlog)
+        sock.setblocking(False)
+        os.replace(temporary, path)
+    except BaseException:
+        sock.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    return sock

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..kernel import Delivery, Kernel
+from ..rundir import listen_unix
 from .client import MAX_MESSAGE, SOCKET_BUFFER
 from .codec import PfkeyError, decode, encode
 from .constants import PF_KEY_V2, MsgType
@@ -118,18 +119,7 @@ class PfkeyServer:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        old_umask = os.umask(0o177)  # the file is born 0600: no window where others can connect
-        try:
-            listener.bind(str(self.path))
-        finally:
-            os.umask(old_umask)
-        if self._group_gid is not None:
-            os.chown(self.path, -1, self._group_gid)
-            os.chmod(self.path, 0o660)
-        listener.listen(128)
-        listener.setblocking(False)
+        listener = listen_unix(self.path, socket.SOCK_SEQPACKET, group_gid=self._group_gid)
         self._loop = asyncio.get_running_loop()
         self._listener = listener
         self._accept_task = asyncio.create_task(self._accept_loop())
