@@ -80,29 +80,31 @@ def preferred_source(policy: Policy, local: Iterable[bytes] | LocalIndex) -> str
     return None
 
 
-SourceCache = dict[tuple[Any, ...], str | None]
-MAX_CACHED_SOURCES = 1 << 16  # selectors of policies long gone are forgotten past this
+SourceCache = dict[Any, Any]
+MAX_CACHED_SOURCES = 1 << 16  # policies long gone are forgotten past this
+
+_OUT, _IPSEC = PolicyDir.OUTBOUND, PolicyType.IPSEC
 
 
 def wanted_routes(policies: Iterable[Policy], local: frozenset[bytes] | LocalIndex,
                   cache: SourceCache | None = None) -> dict[str, str | None]:
     """Destination prefix -> preferred source for every outbound ipsec policy (first wins).
-    ``cache`` remembers sources per (selector, request) for one set of local addresses."""
+    ``cache`` remembers each policy's (destination, source) for one set of local addresses:
+    a policy's selector and requests never change (an update replaces the object)."""
     index = local if isinstance(local, LocalIndex) else LocalIndex(local)
     cache = {} if cache is None else cache
     routes: dict[str, str | None] = {}
     for policy in policies:
-        if policy.direction != PolicyDir.OUTBOUND or policy.action != PolicyType.IPSEC:
-            continue
-        dst = str(policy.selector.dst)
-        if dst in routes:
-            continue
-        req = policy.requests[0] if policy.requests else None
-        key = (policy.selector.src, req.mode if req else None, req.src if req else None)
-        src = cache.get(key, cache)
-        if src is cache:
-            src = cache[key] = preferred_source(policy, index)
-        routes[dst] = src  # type: ignore[assignment]
+        known = cache.get(policy)
+        if known is None:
+            if policy.direction != _OUT or policy.action != _IPSEC:
+                known = cache[policy] = ("", None)
+            else:
+                known = cache[policy] = (str(policy.selector.dst),
+                                         preferred_source(policy, index))
+        dst, src = known
+        if dst and dst not in routes:
+            routes[dst] = src
     return routes
 
 
