@@ -105,10 +105,16 @@ class SaTable:
             return False
         self.generation = sad.generation
         self.verdicts.clear()
-        self.contexts = {sa: ctx for sa, ctx in self.contexts.items() if sa in sad}
+        # One pass: contexts of the SAs still in the SAD carry over (by identity), the others
+        # go; testing each old context's SA for membership cost a key build per SA.
+        old = self.contexts
+        contexts: dict[SecurityAssociation, SaContext | None] = {}
+        self.contexts = contexts
         by_spi: dict[int, SaContext] = {}
         local = self.local
         for sa in sad:
+            if sa in old:
+                contexts[sa] = old[sa]
             if sa.satype != SaType.ESP or not sa.usable():
                 continue
             other = by_spi.get(sa.spi)
