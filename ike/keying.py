@@ -203,13 +203,17 @@ class Keying:
         spi_in = int.from_bytes(ev.inbound_spi, "big")
         if ev.transforms.encr not in PFKEY_ENCR or ev.transforms.integ not in PFKEY_INTEG:
             raise KeyingError(f"no PF_KEY number for {ev.transforms}")
-        inbound = self._sa_message(MsgType.UPDATE if larval else MsgType.ADD, spi_in, p.remote,
-                                   p.local, p.remote_port, p.local_port, ev.transforms,
-                                   ev.encr_in, ev.integ_in, p)
-        try:
-            await self.pfkey.request(inbound)
-        except PfkeyReplyError as exc:
-            raise KeyingError(f"inbound SA {spi_in:08x}: {exc}") from None
+        for kind in (MsgType.UPDATE, MsgType.ADD) if larval else (MsgType.ADD,):
+            inbound = self._sa_message(kind, spi_in, p.remote, p.local, p.remote_port,
+                                       p.local_port, ev.transforms, ev.encr_in, ev.integ_in, p)
+            try:
+                await self.pfkey.request(inbound)
+                break
+            except PfkeyReplyError as exc:
+                # ESRCH: the larval SA timed out while the install waited its turn (thousands
+                # of negotiations at once); ADD takes the SPI unless it went to another since.
+                if kind is MsgType.ADD or exc.errno != errno.ESRCH:
+                    raise KeyingError(f"inbound SA {spi_in:08x}: {exc}") from None
         if outbound:
             try:
                 await self.install_outbound(ev, p)
