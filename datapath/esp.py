@@ -38,6 +38,7 @@ An ``EspTransform`` is not thread-safe: one worker owns it. Keys never appear in
 
 from __future__ import annotations
 
+import abc
 import hmac
 import os
 import struct
@@ -109,7 +110,7 @@ class EspConfigError(ValueError):
     """Parameters that cannot make an ESP SA (unknown algorithm, bad key length, ...)."""
 
 
-class EspTransform:
+class EspTransform(abc.ABC):
     """ESP processing for one SA. Build with ``EspTransform.build``; see the module doc."""
 
     __slots__ = (
@@ -145,9 +146,9 @@ class EspTransform:
             self._icv_len = integ.icv_bytes
         self._setup(enc, enc_key)
 
+    @abc.abstractmethod
     def _setup(self, enc: Algorithm, key: bytes) -> None:
         """Build the cipher contexts for ``key`` (salt included where the algorithm has one)."""
-        raise NotImplementedError
 
     @staticmethod
     def build(
@@ -282,11 +283,11 @@ class EspTransform:
         self.octets += n
         return end
 
+    @abc.abstractmethod
     def _encrypt(
         self, seq: int, work: memoryview, ptlen: int, out: memoryview, offset: int
     ) -> None:
         """Write header, IV and ciphertext (and an AEAD tag) of the plaintext in ``work``."""
-        raise NotImplementedError
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -341,11 +342,11 @@ class EspTransform:
         self.octets += pay_end - offset
         return next_header, pay_end
 
+    @abc.abstractmethod
     def _decrypt(
         self, seq: int, data: memoryview, ctlen: int, out: memoryview, offset: int
     ) -> None:
         """Write the ``ctlen`` plaintext bytes at ``out[offset:]``; AEADs raise EspDrop(AUTH)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(spi={self.spi:#010x}, {self.encryption}/"

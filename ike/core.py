@@ -5,6 +5,7 @@ the window, deadlines, events and the end of an IKE SA (RFC 7296 2.1, 2.2, 2.3).
 
 from __future__ import annotations
 
+import abc
 import enum
 import hashlib
 from collections import deque
@@ -121,7 +122,7 @@ def _random_spi(random: Callable[[int], bytes]) -> Callable[[], bytes | None]:
     return allocate
 
 
-class IkeSaCore:
+class IkeSaCore(abc.ABC):
     """State and plumbing of one IKE SA; the exchanges live in the subclasses."""
 
     def _init_core(self, config: IkeConfig, initiator: bool, local_addr: Address,
@@ -310,9 +311,9 @@ class IkeSaCore:
         self._retries.clear()
         to._kick(now)
 
+    @abc.abstractmethod
     def _start(self, kind: str, arg: object, now: float) -> None:
         """Hook: send the request of a queued task, or skip it if it no longer applies."""
-        raise NotImplementedError
 
     # -- receiving -------------------------------------------------------------------------
 
@@ -402,11 +403,11 @@ class IkeSaCore:
             self._emit(LivenessFailed(self.spi_i, self.spi_r))
         self._fail(f"no response to {req.kind} after {tries} transmissions")
 
+    @abc.abstractmethod
     def _expire_child(self, child: ChildSa, now: float) -> None:
         """Hook: a replaced or redundant Child SA was not deleted by the peer in time."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _successor(self, initiator: bool, spi_i: bytes, spi_r: bytes, suite: TransformSet,
                    shared: bytes, ni: bytes, nr: bytes) -> IkeSa:
         """Hook: the IKE SA that a rekey exchange creates (RFC 7296 2.18)."""
-        raise NotImplementedError
