@@ -138,7 +138,7 @@ class Datapath:
         self.outbound: Outbound | None = None
         self.inbound: Inbound | None = None
         # A fixed [datapath] tun_mtu wins; else the worst case until SAs say what they add.
-        self._fixed_mtu: int = getattr(config, "tun_mtu", 0) or 0
+        self._fixed_mtu: int = config.tun_mtu
         self.mtu = self._fixed_mtu or tun_mtu(config.path_mtu, WORST_OVERHEAD,
                                               ipv6=config.path_mtu - WORST_OVERHEAD >= 1280)
         self._slots = PacketSlots(BATCH)

@@ -40,6 +40,7 @@ class DatapathConfig:
     enabled: bool = True
     tun_name: str = "uipsec0"
     path_mtu: int = 1500  # outer MTU towards the peers; the TUN MTU is this minus ESP overhead
+    tun_mtu: int = 0  # fixed TUN MTU; 0: path_mtu minus the overhead of the SAs in use
     udp_port: int = 4500  # RFC 3948 ESP-in-UDP (and IKE after a NAT is found)
     udp_bind: tuple[str, ...] = ("0.0.0.0", "::")  # one UDP socket per address
     raw_esp: bool = True  # IP protocol 50 sockets for SAs without NAT-T
@@ -129,13 +130,15 @@ def parse_daemon_table(
 
 
 _DATAPATH_KEYS: dict[str, type | tuple[type, ...]] = {
-    "enabled": bool, "tun_name": str, "path_mtu": int, "udp_port": int, "udp_bind": list,
+    "enabled": bool, "tun_name": str, "path_mtu": int, "tun_mtu": int, "udp_port": int,
+    "udp_bind": list,
     "raw_esp": bool, "always_encap": bool, "keepalive_interval": (int, float),
     "acquire_queue": int, "fwmark": int, "table": int,
 }
 # Inclusive bounds of the integer settings (and the keepalive interval).
 _DATAPATH_RANGES: dict[str, tuple[float, float]] = {
-    "path_mtu": (700, 65535), "udp_port": (1, 65535), "keepalive_interval": (1, 3600),
+    "path_mtu": (700, 65535), "tun_mtu": (0, 65535), "udp_port": (1, 65535),
+    "keepalive_interval": (1, 3600),
     "acquire_queue": (0, 4096), "fwmark": (1, 0xFFFFFFFF), "table": (1, 0xFFFFFFFF),
 }
 
@@ -154,6 +157,8 @@ def parse_datapath_table(table: dict[str, Any], path: str, locate: _Locator) -> 
                               f"datapath.{key} must be within {bounds[0]:g}..{bounds[1]:g}")
         if key == "table" and value in (253, 254, 255):
             raise ConfigError(path, where, f"datapath.table {value} is a reserved table")
+        if key == "tun_mtu" and 0 < value < 576:
+            raise ConfigError(path, where, "datapath.tun_mtu must be 0 (automatic) or >= 576")
         if key == "tun_name" and not 0 < len(value) < 16:
             raise ConfigError(path, where, "datapath.tun_name must be 1 to 15 characters")
         if key == "udp_bind":

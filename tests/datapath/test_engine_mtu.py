@@ -38,3 +38,13 @@ def test_mtu_grows_to_what_the_sas_need() -> None:
     left.setkey("flush;")  # no SAs left: keep what we have
     assert links.mtus == [1435] and left.dp.mtu == 1435
 
+
+
+def test_a_configured_tun_mtu_wins_over_the_sas() -> None:
+    left, right = make_side(LEFT, tun_mtu=1400), make_side(RIGHT)
+    links = LinkRecorder()
+    left.dp.netlink = links  # type: ignore[assignment]
+    assert left.dp.mtu == 1400
+    script, _ = tunnel_scripts(left, right)
+    left.setkey(script)
+    assert links.mtus == [] and left.dp.mtu == 1400
