@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from userspace_ipsec.lab import stop_process
 
 LEFT_NET = "198.18.1.0/24"
 RIGHT_NET = "198.18.2.0/24"
@@ -84,20 +85,6 @@ def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> st
 
 def netns_argv(ns: str, argv: Sequence[str]) -> list[str]:
     return ["ip", "netns", "exec", ns, *argv]
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = STOP_TIMEOUT) -> None:
-    """SIGTERM one process we started, by PID; SIGKILL it if it outlives ``timeout``."""
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=timeout)
 
 
 @dataclass(slots=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from benchmarks.topology import stop_process
+from userspace_ipsec.lab import stop_process
 
 CHARON_PATH = Path("/usr/lib/ipsec/charon")
 PLUGIN_DIR = Path("/usr/lib/ipsec/plugins")
