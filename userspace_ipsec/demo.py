@@ -136,7 +136,8 @@ class Demo:
     def run(self) -> bool:
         workdir = Path(tempfile.mkdtemp(prefix="uipsec-demo-"))
         try:
-            with NetnsHarness(prefix=DEMO_PREFIX) as lab:
+            # No NAT in the demo: iproute2 and procps suffice (nftables is not needed).
+            with NetnsHarness(prefix=DEMO_PREFIX, tools=("ip", "sysctl")) as lab:
                 return self._run(lab, workdir)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -34,18 +34,21 @@ class HarnessError(RuntimeError):
     """The harness cannot run here (not root, tools missing) or a setup command failed."""
 
 
-def check_prerequisites() -> None:
+_PACKAGES = {"ip": "iproute2", "nft": "nftables", "sysctl": "procps"}
+
+
+def check_prerequisites(tools: Sequence[str] = ("ip", "nft", "sysctl")) -> None:
     """Raise HarnessError with a clear message when namespaces cannot be built here."""
     problems = []
     if os.geteuid() != 0:
-        problems.append("must run as root (network namespaces, veth, nftables)")
-    for tool in ("ip", "nft"):
+        problems.append("must run as root (network namespaces, veth, TUN)")
+    for tool in tools:
         if shutil.which(tool) is None:
-            problems.append(f"'{tool}' not found on PATH (install iproute2 / nftables)")
+            problems.append(f"'{tool}' not found on PATH (install {_PACKAGES.get(tool, tool)})")
     if not os.path.exists("/dev/net/tun"):
         problems.append("/dev/net/tun missing (TUN driver not available)")
     if problems:
-        raise HarnessError("network-namespace tests cannot run: " + "; ".join(problems))
+        raise HarnessError("network namespaces cannot be built here: " + "; ".join(problems))
 
 
 def _run(argv: Sequence[str], *, check: bool = True, stdin: str | None = None,
@@ -244,12 +247,13 @@ class NetnsHarness:
 
     tag: str = field(default_factory=lambda: f"{os.getpid()}{secrets.token_hex(2)}")
     prefix: str = PREFIX
+    tools: tuple[str, ...] = ("ip", "nft", "sysctl")  # what check_prerequisites insists on
     namespaces: list[Netns] = field(default_factory=list)
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _veth_seq: int = 0
 
     def __enter__(self) -> NetnsHarness:
-        check_prerequisites()
+        check_prerequisites(self.tools)
         return self
 
     def __exit__(self, *exc: object) -> None:
