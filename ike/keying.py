@@ -146,6 +146,13 @@ def policy_selectors(local_ts: list[TrafficSelector],
     return out
 
 
+def _get_request(spi: int, src: IPAddress, dst: IPAddress) -> Message:
+    """SADB_GET of one ESP SA."""
+    return Message(MsgType.GET, SaType.ESP, ext={
+        ExtType.SA: SAExt(spi), ExtType.ADDRESS_SRC: _addr(src),
+        ExtType.ADDRESS_DST: _addr(dst)})
+
+
 def _addr(ip: IPAddress, port: int = 0) -> AddressExt:
     return AddressExt(ip, None, 0, port)
 
@@ -245,11 +252,8 @@ class Keying:
         return True
 
     async def get_sa(self, src: IPAddress, dst: IPAddress, spi: int) -> Message | None:
-        msg = Message(MsgType.GET, SaType.ESP, ext={
-            ExtType.SA: SAExt(spi), ExtType.ADDRESS_SRC: _addr(src),
-            ExtType.ADDRESS_DST: _addr(dst)})
         try:
-            reply = await self.pfkey.request(msg)
+            reply = await self.pfkey.request(_get_request(spi, src, dst))
         except PfkeyReplyError:
             return None
         # Only counters and lifetimes are wanted: drop the keys at once.
@@ -313,11 +317,8 @@ class Keying:
                  (int.from_bytes(outbound_spi, "big"), p.local, p.remote, p.local, remote,
                   p.local_port, remote_port))
         for spi, src, dst, new_src, new_dst, sport, dport in moves:
-            msg = Message(MsgType.GET, SaType.ESP, ext={
-                ExtType.SA: SAExt(spi), ExtType.ADDRESS_SRC: _addr(src),
-                ExtType.ADDRESS_DST: _addr(dst)})
             try:
-                current = await self.pfkey.request(msg)
+                current = await self.pfkey.request(_get_request(spi, src, dst))
             except PfkeyReplyError:
                 return False
             ext: dict[ExtType, Extension] = {t: e for t, e in current.ext.items()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Config, ConfigError, DaemonConfig
+from .config import Config, DaemonConfig
 from .control import ControlError, ControlServer
 from .kernel import Delivery, Kernel, KernelOptions
 from .pfkey.server import PfkeyServer
@@ -84,7 +84,7 @@ class Daemon:
                 natt_send=dp.send_ike if dp is not None else None,
                 natt_register=dp.set_ike_handler if dp is not None else None,
             )
-        self.control.register("reload", lambda _args: self.reload())
+        self.control.register("reload", lambda _args: self.reload())  # refuses without IKE
         self._lock = RunDirLock(self.run_dir)
         self._stop = asyncio.Event()
 
@@ -110,6 +110,8 @@ class Daemon:
 
                 await self.ike.start()
                 register(self.control, self.ike)
+                # One reload path for SIGHUP and `uipsec reload`, with the daemon's log line.
+                self.control.register("reload", lambda _args: self.reload())
                 log.info("daemon: IKE service running (%d connections)",
                          len(self.ike.connections.connections))
             # Last: a client that finds the control socket finds every command behind it.
@@ -149,11 +151,13 @@ class Daemon:
         """SIGHUP / ``uipsec reload``: re-read the configuration; unchanged tunnels stay up."""
         if self.ike is None:
             raise ControlError("no IKE connections were configured at start: nothing to reload")
+        from ike.control_cmds import reload
+
         try:
-            result = await self.ike.reload()
-        except ConfigError as exc:
-            log.error("daemon: reload refused: %s", exc)
-            raise ControlError(f"reload refused: {exc}") from exc
+            result: dict[str, list[str]] = await reload(self.ike, {})
+        except ControlError as exc:
+            log.error("daemon: %s", exc)
+            raise
         log.info("daemon: reloaded %s", self.config.source)
         return result
 
