@@ -4,7 +4,8 @@ Indexes: (dst, satype, SPI) for inbound packets and PF_KEY lookups; (src, dst, s
 (src, dst, satype, reqid) for outbound packets. Each outbound group caches its best SA (Linux's
 choice: the newest mature SA, else the newest dying one), so finding it costs a dict lookup
 whatever the size of the SAD. Every change goes through this class, which keeps all indexes
-consistent and bumps ``generation`` so datapath caches can tell when to look again.
+consistent, bumps ``generation`` so datapath caches can tell when to look again, and records
+the SAs it touched in ``changes`` so that derived state can follow them one by one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
+from .changelog import ChangeLog
 from .pfkey.constants import IPPROTO_AH, IPPROTO_ESP, IpsecLevel, IpsecMode, SaState, SaType
 from .pfkey.messages import IPAddress, IpsecRequest
 from .sa import SecurityAssociation
@@ -65,6 +67,7 @@ class SAD:
         self._by_endpoints: dict[_EndpointKey, _Group] = {}
         self._by_reqid: dict[_EndpointKey, _Group] = {}
         self.generation = 0
+        self.changes: ChangeLog[SecurityAssociation] = ChangeLog()
 
     def __len__(self) -> int:
         return len(self._by_spi)
@@ -97,6 +100,7 @@ class SAD:
             self._by_reqid.setdefault(_reqid_key(sa), _Group()).sas[sa] = None
         self._dirty(sa)
         self.generation += 1
+        self.changes.record(sa)
 
     def remove(self, sa: SecurityAssociation) -> None:
         if self._by_spi.get(sa.key) is not sa:
@@ -108,12 +112,14 @@ class SAD:
         sa.state = SaState.DEAD
         sa.generation += 1
         self.generation += 1
+        self.changes.record(sa)
 
     def set_state(self, sa: SecurityAssociation, state: SaState) -> None:
         sa.state = state
         sa.generation += 1
         self._dirty(sa)
         self.generation += 1
+        self.changes.record(sa)
 
     def replace(self, old: SecurityAssociation, new: SecurityAssociation) -> None:
         """Put ``new`` in place of ``old`` (same key): UPDATE of a larval SA."""
@@ -129,6 +135,7 @@ class SAD:
         self._by_endpoints.clear()
         self._by_reqid.clear()
         self.generation += 1
+        self.changes.reset()
         return removed
 
     # -- outbound lookups --------------------------------------------------------------------

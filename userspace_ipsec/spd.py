@@ -4,16 +4,18 @@ Policies of one direction are kept in Linux's order: by priority (lower value fi
 insertion order. A packet's profile (direction, addresses, protocol, ports) is matched against
 them in that order and the first match wins. The cache maps a profile to that answer, "no
 policy" included, so the flows in use cost one dict lookup however many policies there are. Any
-change to the SPD empties the cache and bumps ``generation``; when the cache reaches its bound
+change to the SPD empties the cache, bumps ``generation`` and records the policy in ``changes``
+(a flush resets that log); when the cache reaches its bound
 it is emptied too (the flows in use refill it at once, and it stays correct).
 """
 
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_left, insort
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .changelog import ChangeLog
 from .pfkey.constants import IPSEC_PROTO_ANY, PolicyDir
 from .pfkey.messages import IPAddress
 from .sa import PORT_PROTOS, Policy, Selector
@@ -55,11 +57,13 @@ class SPD:
     def __init__(self, cache_size: int = DEFAULT_CACHE_SIZE) -> None:
         self.cache_size = cache_size
         self.generation = 0
+        self.changes: ChangeLog[Policy] = ChangeLog()
         self.cache_misses = 0
         self.cache_flushes = 0
         self._by_id: dict[int, Policy] = {}
         self._by_selector: dict[tuple[int, Selector], Policy] = {}
         self._entries: dict[int, list[_Entry]] = {int(d): [] for d in PolicyDir}
+        self._entry_of: dict[int, _Entry] = {}  # by policy id: removal by bisection
         self._cache: dict[tuple[int, bytes, bytes, int, int, int], Policy | None] = {}
         self._seq = 0
         self._id_gen = 0
@@ -71,6 +75,9 @@ class SPD:
         for direction in sorted(self._entries):
             for entry in self._entries[direction]:
                 yield entry.policy
+
+    def __contains__(self, policy: object) -> bool:
+        return isinstance(policy, Policy) and self._by_id.get(policy.id) is policy
 
     def snapshot(self) -> list[Policy]:
         return list(self)
@@ -143,10 +150,12 @@ class SPD:
         elif policy.id in self._by_id:
             raise KeyError(f"policy id {policy.id} in use")
         self._seq += 1
-        insort(self._entries[int(policy.direction)], _compile(policy, self._seq))
+        entry = self._entry_of[policy.id] = _compile(policy, self._seq)
+        insort(self._entries[int(policy.direction)], entry)
         self._by_selector[key] = policy
         self._by_id[policy.id] = policy
         self._changed()
+        self.changes.record(policy)
         return policy
 
     def update(self, policy: Policy) -> Policy | None:
@@ -165,16 +174,19 @@ class SPD:
         del self._by_id[policy.id]
         del self._by_selector[(int(policy.direction), policy.selector)]
         entries = self._entries[int(policy.direction)]
-        entries[:] = [e for e in entries if e.policy is not policy]
+        del entries[bisect_left(entries, self._entry_of.pop(policy.id))]
         self._changed()
+        self.changes.record(policy)
 
     def flush(self) -> list[Policy]:
         removed = self.snapshot()
         self._by_id.clear()
         self._by_selector.clear()
+        self._entry_of.clear()
         for entries in self._entries.values():
             entries.clear()
         self._changed()
+        self.changes.reset()
         return removed
 
     def _changed(self) -> None:

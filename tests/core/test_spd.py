@@ -148,3 +148,26 @@ def test_ids_unique_stable_and_lookups_by_id_and_selector() -> None:
     assert fresh.id not in ids
     assert spd.get(policies[0].id) is None
     assert len(spd) == 30 and len(spd.snapshot()) == 30
+
+
+def test_changes_are_recorded_and_a_flush_resets_them() -> None:
+    spd = SPD()
+    cursor = spd.changes.cursor
+    first = spd.insert(pol("10.0.0.0/24", "10.1.0.0/24"))
+    second = spd.insert(pol("10.0.0.0/24", "10.2.0.0/24"))
+    spd.remove(first)
+    assert spd.changes.since(cursor) == [first, second, first]
+    assert first not in spd and second in spd and list(spd) == [second]
+    spd.flush()
+    assert spd.changes.since(cursor) is None
+
+
+def test_removal_keeps_priority_order_among_equal_and_unequal_priorities() -> None:
+    spd = SPD()
+    policies = [spd.insert(pol("10.0.0.0/8", f"10.{i}.0.0/16", priority=i % 3))
+                for i in range(12)]
+    for victim in policies[::4]:
+        spd.remove(victim)
+    remaining = [p for p in policies if p not in policies[::4]]
+    expected = sorted(remaining, key=lambda p: (p.priority, policies.index(p)))
+    assert list(spd) == expected
