@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from datapath.encap import NAT_KEEPALIVE, NON_ESP_MARKER, UdpKind, classify
 from datapath.inbound import Inbound
+from datapath.keepalive import KeepalivePeers
 from datapath.netconf import NetConfig, NetConfigError, RoutingPolicy, tun_mtu
 from datapath.outbound import Outbound
 from datapath.routes import RouteSync, local_addresses
@@ -43,7 +44,6 @@ from datapath.tun import (
 )
 from userspace_ipsec.config import DatapathConfig
 from userspace_ipsec.kernel import Delivery, Kernel
-from userspace_ipsec.pfkey.constants import NatTType
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,8 @@ class Datapath:
         self._flush_due = False  # held packets to retry after a change seen mid-batch
         self._sync_timer: asyncio.Handle | None = None
         self._local_at = 0.0
-        self._peers: dict[tuple[Any, ...], UdpSocket] = {}
+        self._keepalive = KeepalivePeers()
+        self._rescan = False  # local addresses changed: rebuild what depends on them
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -366,7 +367,7 @@ class Datapath:
             if kernel.sad.generation != self._sad_gen:
                 self._sad_gen = kernel.sad.generation
                 self.table.refresh()
-                self._keepalive_peers()
+                self._follow_keepalive_peers()
                 self._adapt_mtu()
                 self._flush_due = True
             if self._flush_due:
@@ -381,12 +382,12 @@ class Datapath:
         cross a 1500-byte path whole. Only grows past the worst case's MTU while every SA
         allows it; Outbound still checks each packet against its own SA (ICMP PTB)."""
         netlink, tun = self.netlink, self.tun
-        contexts = self.table.by_spi.values()
+        overheads = self.table.overheads
         if self._fixed_mtu or netlink is None or netlink.netconf is None or tun is None \
-                or not contexts:
+                or not overheads:
             return
         path = self.config.path_mtu
-        overhead = max(c.outer + c.transform.max_overhead for c in contexts)
+        overhead = max(overheads)
         try:
             mtu = tun_mtu(path, overhead, ipv6=path - overhead >= 1280)
         except ValueError:
@@ -413,6 +414,7 @@ class Datapath:
             else:
                 if local != self.table.local:
                     self.table.set_local(local)
+                    self._rescan = True
                     self._spd_gen = self._sad_gen = -1  # re-route and re-index
         self.sync()
         outbound = self.outbound
@@ -420,31 +422,20 @@ class Datapath:
             return
         interval = self.config.keepalive_interval
         last_sent = outbound.last_sent
-        for peer, sock in self._peers.items():
+        for peer, sock in self._keepalive.peers.items():
             if now - last_sent.get(peer, now - interval) >= interval:
                 last_sent[peer] = now
                 if sock.send(NAT_KEEPALIVE, peer):
                     self.counters.keepalives_sent += 1
 
-    def _keepalive_peers(self) -> None:
+    def _follow_keepalive_peers(self) -> None:
         """Peers of UDP-encapsulated SAs (the far end of each; keepalives keep NATs open)."""
-        local = self.table.local
-        peers: dict[tuple[Any, ...], UdpSocket] = {}
-        for sa in self.kernel.sad:
-            if sa.natt_type == NatTType.NONE or not sa.usable():
-                continue
-            if sa.dst.packed in local:
-                host, port = sa.src, sa.natt_sport
-            else:
-                host, port = sa.dst, sa.natt_dport
-            sock = self.udp.get(socket.AF_INET if host.version == 4 else socket.AF_INET6)
-            if sock is not None and port:
-                peers[(str(host), port)] = sock
-        last_sent = self.outbound.last_sent if self.outbound is not None else {}
-        now = self.clock()
-        for peer in peers:
-            last_sent.setdefault(peer, now)
-        self._peers = peers
+        rescan, self._rescan = self._rescan, False
+        added = self._keepalive.follow(self.kernel.sad, self.table.local, self.udp, rescan)
+        if self.outbound is not None and added:
+            now = self.clock()
+            for peer in added:  # the first keepalive one interval after the SA came
+                self.outbound.last_sent.setdefault(peer, now)
 
     def stats(self) -> dict[str, int]:
         """Global counters, plus the socket and TUN drop counters."""

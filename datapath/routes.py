@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 from userspace_ipsec.pfkey.constants import IpsecMode, PolicyDir, PolicyType
 from userspace_ipsec.sa import Policy
+from userspace_ipsec.spd import SPD
 
 log = logging.getLogger(__name__)
 
@@ -88,31 +89,40 @@ _OUT, _IPSEC = PolicyDir.OUTBOUND, PolicyType.IPSEC
 
 def wanted_routes(policies: Iterable[Policy], local: frozenset[bytes] | LocalIndex,
                   cache: SourceCache | None = None) -> dict[str, str | None]:
-    """Destination prefix -> preferred source for every outbound ipsec policy (first wins).
-    ``cache`` remembers each policy's (destination, source) for one set of local addresses:
-    a policy's selector and requests never change (an update replaces the object)."""
+    """Destination prefix -> preferred source for every outbound ipsec policy (first wins)."""
     index = local if isinstance(local, LocalIndex) else LocalIndex(local)
     cache = {} if cache is None else cache
     routes: dict[str, str | None] = {}
     for policy in policies:
-        known = cache.get(policy)
-        if known is None:
-            if policy.direction != _OUT or policy.action != _IPSEC:
-                known = cache[policy] = ("", None)
-            else:
-                known = cache[policy] = (str(policy.selector.dst),
-                                         preferred_source(policy, index))
-        dst, src = known
+        dst, src = route_of(policy, index, cache)
         if dst and dst not in routes:
             routes[dst] = src
     return routes
 
 
-class RouteSync:
-    """Keeps the installed routes equal to ``wanted_routes`` of the SPD; failures are logged
-    and retried on the next sync (a route the kernel refuses must not stop the daemon)."""
+def route_of(policy: Policy, index: LocalIndex, cache: SourceCache) -> tuple[str, str | None]:
+    """The policy's route (destination prefix, preferred source); ("", None) for none.
+    ``cache`` holds the answers for one set of local addresses: a policy's selector and
+    requests never change (an update replaces the object)."""
+    known = cache.get(policy)
+    if known is None:
+        if policy.direction != _OUT or policy.action != _IPSEC:
+            known = cache[policy] = ("", None)
+        else:
+            known = cache[policy] = (str(policy.selector.dst), preferred_source(policy, index))
+    return known
 
-    __slots__ = ("installer", "ifname", "installed", "errors", "_index", "_sources")
+
+class RouteSync:
+    """Keeps the installed routes equal to ``wanted_routes`` of the SPD, following the SPD's
+    change log (a policy added or removed costs O(1), not a walk of the SPD); failures are
+    logged and retried on the next sync (a route the kernel refuses must not stop the daemon).
+
+    Among outbound ipsec policies with one destination, the oldest still present chooses the
+    route's source."""
+
+    __slots__ = ("installer", "ifname", "installed", "errors", "_index", "_sources", "_wanted",
+                 "_cursor", "_retry")
 
     def __init__(self, installer: RouteInstaller, ifname: str) -> None:
         self.installer = installer
@@ -121,33 +131,66 @@ class RouteSync:
         self.errors = 0
         self._index: LocalIndex | None = None
         self._sources: SourceCache = {}
+        self._wanted: dict[str, dict[Policy, str | None]] = {}  # dst -> its policies' sources
+        self._cursor = -1
+        self._retry: set[str] = set()
 
-    def sync(self, policies: Iterable[Policy], local: frozenset[bytes]) -> bool:
+    def sync(self, spd: SPD, local: frozenset[bytes]) -> bool:
         """Add, change and remove routes; True when everything is in place."""
         index = self._index
+        changed = spd.changes.since(self._cursor)
+        self._cursor = spd.changes.cursor
         if index is None or (index.packed is not local and index.packed != local) or \
                 len(self._sources) > MAX_CACHED_SOURCES:
             self._index = index = LocalIndex(local)
             self._sources = {}
-        want = wanted_routes(policies, index, self._sources)
+            changed = None
+        dirty = self._retry
+        self._retry = set()
+        if changed is None:  # rescan: every destination, old and new
+            self._wanted = {}
+            dirty.update(self.installed)
+            changed = list(spd)
+        for policy in dict.fromkeys(changed):
+            dst, src = route_of(policy, index, self._sources)
+            if not dst:
+                continue
+            dirty.add(dst)
+            if policy in spd:
+                self._wanted.setdefault(dst, {})[policy] = src
+            elif (sources := self._wanted.get(dst)) is not None:
+                sources.pop(policy, None)
+                if not sources:
+                    del self._wanted[dst]
         ok = True
-        for dst in [d for d in self.installed if d not in want]:
+        for dst in dirty:
+            if not self._apply(dst):
+                ok = False
+                self._retry.add(dst)
+        return ok
+
+    def _apply(self, dst: str) -> bool:
+        sources = self._wanted.get(dst)
+        if not sources:
+            if dst not in self.installed:
+                return True
             try:
                 self.installer.remove_route(dst, self.ifname)
-                del self.installed[dst]
             except Exception as exc:  # netlink refusal: keep it, try again next time
-                ok = False
                 self.errors += 1
                 log.warning("datapath: cannot remove route %s: %s", dst, exc)
-        for dst, src in want.items():
-            if dst in self.installed and self.installed[dst] == src:
-                continue
-            try:
-                self.installer.add_route(dst, self.ifname, src)
-                self.installed[dst] = src
-                log.info("datapath: route %s dev %s src %s", dst, self.ifname, src or "-")
-            except Exception as exc:
-                ok = False
-                self.errors += 1
-                log.warning("datapath: cannot add route %s: %s", dst, exc)
-        return ok
+                return False
+            del self.installed[dst]
+            return True
+        src = next(iter(sources.values()))
+        if dst in self.installed and self.installed[dst] == src:
+            return True
+        try:
+            self.installer.add_route(dst, self.ifname, src)
+        except Exception as exc:
+            self.errors += 1
+            log.warning("datapath: cannot add route %s: %s", dst, exc)
+            return False
+        self.installed[dst] = src
+        log.debug("datapath: route %s dev %s src %s", dst, self.ifname, src or "-")
+        return True

@@ -1,5 +1,6 @@
 """Per-SA datapath state: the ESP transform built once per SA, where its packets go, and the
-inbound SPI index. Rebuilt lazily when the SAD's generation moves.
+inbound SPI index. Kept up to date from the SAD's change log when its generation moves: one SA
+installed costs O(1), not a walk of the SAD.
 
 A context lives as long as its SA object: the Kernel replaces an SA (UPDATE) by a new object
 and removes it by marking it DEAD, so identity is the cache key and nothing is rebuilt when an
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import ip_address
@@ -44,7 +46,8 @@ class SaTable:
     """SA contexts, the inbound SPI index and the inbound policy-template verdicts."""
 
     __slots__ = ("kernel", "udp", "raw", "always_encap", "udp_port", "local", "contexts",
-                 "by_spi", "verdicts", "generation", "spd_generation", "build_errors")
+                 "by_spi", "verdicts", "generation", "spd_generation", "build_errors",
+                 "overheads", "_candidates", "_cursor", "_rescan")
 
     def __init__(self, kernel: Kernel, *, udp: dict[int, UdpSocket],
                  raw: dict[int, RawEspSocket], always_encap: bool = False,
@@ -62,6 +65,12 @@ class SaTable:
         self.generation = -1  # SAD generation the index was built for
         self.spd_generation = -1
         self.build_errors = 0
+        # Per-packet overhead (outer headers and ESP) -> how many indexed SAs have it.
+        self.overheads: Counter[int] = Counter()
+        # SPI -> the usable ESP SAs that have it (more than one only with manual keying).
+        self._candidates: dict[int, dict[SecurityAssociation, SaContext]] = {}
+        self._cursor = -1
+        self._rescan = True
 
     def context(self, sa: SecurityAssociation) -> SaContext | None:
         """The SA's context (None: the SA cannot be used by this datapath)."""
@@ -95,42 +104,72 @@ class SaTable:
         )
 
     def refresh(self) -> bool:
-        """Rebuild the SPI index if the SAD changed; True if it did."""
+        """Follow the SAD's changes into the SPI index; True if it changed."""
         sad = self.kernel.sad
         spd_gen = self.kernel.spd.generation
         if spd_gen != self.spd_generation:
             self.spd_generation = spd_gen
             self.verdicts.clear()
-        if sad.generation == self.generation:
+        if sad.generation == self.generation and not self._rescan:
             return False
         self.generation = sad.generation
-        self.verdicts.clear()
-        # One pass: contexts of the SAs still in the SAD carry over (by identity), the others
-        # go; testing each old context's SA for membership cost a key build per SA.
-        old = self.contexts
-        contexts: dict[SecurityAssociation, SaContext | None] = {}
-        self.contexts = contexts
-        by_spi: dict[int, SaContext] = {}
-        local = self.local
-        for sa in sad:
-            if sa in old:
-                contexts[sa] = old[sa]
-            if sa.satype != SaType.ESP or not sa.usable():
-                continue
-            other = by_spi.get(sa.spi)
-            # One SPI for both directions (manual keying does that): the SA to us wins.
-            if other is not None and (other.dst_packed in local or sa.dst.packed not in local):
-                continue
-            ctx = self.context(sa)
-            if ctx is not None:
-                by_spi[sa.spi] = ctx
-        self.by_spi = by_spi
+        changed = None if self._rescan else sad.changes.since(self._cursor)
+        self._cursor = sad.changes.cursor
+        if changed is None:
+            self._rescan = False
+            old = self.contexts  # contexts of SAs still in the SAD carry over (by identity)
+            self.contexts = {sa: old[sa] for sa in sad if sa in old}
+            self.by_spi, self._candidates = {}, {}
+            self.overheads.clear()
+            changed = list(sad)
+        for sa in dict.fromkeys(changed):
+            self._follow(sa)
         return True
+
+    def _follow(self, sa: SecurityAssociation) -> None:
+        """Index or unindex one SA after a change, and settle who holds its SPI."""
+        ctx = None
+        if sa in self.kernel.sad:
+            if sa.satype == SaType.ESP and sa.usable():
+                ctx = self.context(sa)
+        else:
+            self.contexts.pop(sa, None)
+        spi = sa.spi
+        candidates = self._candidates.get(spi)
+        old = None if candidates is None else candidates.get(sa)
+        if old is not ctx:  # a context lives as long as its SA: usually nothing to do here
+            if candidates is None:
+                candidates = self._candidates[spi] = {}
+            if old is not None:
+                del candidates[sa]
+                self._count_overhead(old, -1)
+            if ctx is not None:
+                candidates[sa] = ctx
+                self._count_overhead(ctx, 1)
+        if not candidates:
+            self._candidates.pop(spi, None)
+            self.by_spi.pop(spi, None)
+            return
+        # One SPI for both directions (manual keying does that): the SA to us wins, else the
+        # oldest.
+        local = self.local
+        best = next(iter(candidates.values()))
+        if best.dst_packed not in local:
+            best = next((c for c in candidates.values() if c.dst_packed in local), best)
+        self.by_spi[spi] = best
+
+    def _count_overhead(self, ctx: SaContext, step: int) -> None:
+        overhead = ctx.outer + ctx.transform.max_overhead
+        count = self.overheads[overhead] + step
+        if count > 0:
+            self.overheads[overhead] = count
+        else:
+            del self.overheads[overhead]
 
     def set_local(self, local: frozenset[bytes]) -> None:
         if local != self.local:
             self.local = local
-            self.generation = -1  # re-index: SPI collisions are settled by local addresses
+            self._rescan = True  # SPI collisions are settled by local addresses
 
     def satisfies(self, sa: SecurityAssociation, policy: Policy) -> bool:
         """Whether a packet that came in through ``sa`` may pass inbound ``policy``."""
