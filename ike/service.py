@@ -165,6 +165,7 @@ class IkeRecord:
     remote_id: tuple[int, bytes] | None = None
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     timer: asyncio.TimerHandle | None = None
+    routed: dict[bytes, IkeSa] = field(default_factory=dict)  # our SPI -> IKE SA, old ones too
 
     @property
     def name(self) -> str:
@@ -197,6 +198,7 @@ class IkeService:
         self._routes: dict[bytes, tuple[IkeSa, IkeRecord]] = {}
         self._half_open: dict[tuple[bytes, Address], tuple[IkeSa, IkeRecord]] = {}
         self._records: dict[int, IkeRecord] = {}
+        self._by_conn: dict[str, dict[int, IkeRecord]] = {}  # connection name -> its records
         self._uids = 0
         self._reqids: dict[tuple[str, str], int] = {}
         self._policies: dict[tuple[Any, ...], PolicySet] = {}
@@ -356,7 +358,7 @@ class IkeService:
             return
         if not sa.initiator and sa.spi_r != bytes(8) and sa.spi_r not in self._routes:
             self._half_open.pop((spi_i, src), None)
-            self._routes[sa.spi_r] = (sa, rec)
+            self._route(sa.spi_r, sa, rec)
         self._pump(sa, rec)
 
     def _peer_moved(self, rec: IkeRecord, sa: IkeSa, src: Address) -> None:
@@ -490,7 +492,17 @@ class IkeService:
             rec.timer = self._loop.call_at(min(times), self._on_timer, rec)
 
     def _old_sas(self, rec: IkeRecord) -> list[IkeSa]:
-        return [sa for sa, r in self._routes.values() if r is rec and sa is not rec.sa]
+        return [sa for sa in rec.routed.values() if sa is not rec.sa]
+
+    def _route(self, spi: bytes, sa: IkeSa, rec: IkeRecord) -> None:
+        """Datagrams with our SPI ``spi`` go to ``sa`` of ``rec``."""
+        self._routes[spi] = (sa, rec)
+        rec.routed[spi] = sa
+
+    def _unroute(self, spi: bytes) -> None:
+        entry = self._routes.pop(spi, None)
+        if entry is not None:
+            entry[1].routed.pop(spi, None)
 
     def _on_timer(self, rec: IkeRecord) -> None:
         rec.timer = None
@@ -527,12 +539,21 @@ class IkeService:
         self._uids += 1
         rec = IkeRecord(self._uids, conn, sa, local_ip)
         self._records[rec.uid] = rec
+        self._by_conn.setdefault(conn.name, {})[rec.uid] = rec
         return rec
+
+    def _records_of(self, name: str) -> list[IkeRecord]:
+        return list(self._by_conn.get(name, {}).values())
 
     def _drop_record(self, rec: IkeRecord) -> None:
         self._records.pop(rec.uid, None)
-        for spi in [s for s, (_, r) in self._routes.items() if r is rec]:
-            del self._routes[spi]
+        same = self._by_conn.get(rec.conn.name)
+        if same is not None:
+            same.pop(rec.uid, None)
+            if not same:
+                del self._by_conn[rec.conn.name]
+        for spi in list(rec.routed):
+            self._unroute(spi)
         for key in [k for k, (_, r) in self._half_open.items() if r is rec]:
             del self._half_open[key]
         if rec.timer is not None:
@@ -628,9 +649,9 @@ class IkeService:
     def _on_ike_rekeyed(self, sa: IkeSa, rec: IkeRecord, ev: IkeSaRekeyed) -> None:
         old_name = rec.name
         rec.sa = ev.new_sa
-        self._routes[_our_spi(ev.new_sa)] = (ev.new_sa, rec)
+        self._route(_our_spi(ev.new_sa), ev.new_sa, rec)
         if ev.redundant_sa is not None:
-            self._routes[_our_spi(ev.redundant_sa)] = (ev.redundant_sa, rec)
+            self._route(_our_spi(ev.redundant_sa), ev.redundant_sa, rec)
         if rec.conn.rekey_time:
             rec.rekey_at = self._now() + rec.conn.rekey_time - random.uniform(0, rec.conn.jitter)
         log.info("ike: %s rekeyed into %s", old_name, rec.name)
@@ -640,7 +661,7 @@ class IkeService:
 
     def _on_ike_end(self, sa: IkeSa, rec: IkeRecord, ev: IkeSaDeleted | IkeSaFailed) -> None:
         if sa is not rec.sa:  # a superseded or redundant IKE SA: only unroute it
-            self._routes.pop(_our_spi(sa), None)
+            self._unroute(_our_spi(sa))
             log.info("ike: %s old IKE SA %s_i %s_r gone (%s)", rec.name, _spi(sa.spi_i),
                      _spi(sa.spi_r), ev.reason)
             return
@@ -668,9 +689,8 @@ class IkeService:
             self._spawn(self.initiate(conn.name))
 
     def _initial_contact(self, rec: IkeRecord, ev: InitialContact) -> None:
-        for other in list(self._records.values()):
-            if other is rec or other.conn.name != rec.conn.name or \
-                    other.sa.remote_id != ev.remote_id:
+        for other in self._records_of(rec.conn.name):
+            if other is rec or other.sa.remote_id != ev.remote_id:
                 continue
             log.info("ike: %s INITIAL_CONTACT from %s: dropping %s", rec.name,
                      format_identity(ev.remote_id), other.name)
@@ -851,9 +871,7 @@ class IkeService:
             return
 
     def _acquired(self, conn_name: str, child_name: str) -> None:
-        for rec in self._records.values():
-            if rec.conn.name != conn_name:
-                continue
+        for rec in self._records_of(conn_name):
             if any(c.child.name == child_name for c in rec.children.values()) or \
                     any(c.name == child_name for c in rec.pending):
                 return  # already there or on its way
@@ -957,7 +975,7 @@ class IkeService:
         if larval:
             rec.larval.add(spi)
         rec.pending = children[1:]
-        self._routes[sa.spi_i] = (sa, rec)
+        self._route(sa.spi_i, sa, rec)
         log.info("ike: %s initiating to %s:%d", rec.name, *sa.remote_addr)
         sa.initiate(self._now())
         self._pump(sa, rec)
@@ -984,7 +1002,7 @@ class IkeService:
         """Delete the IKE SAs of connection `name`; wait until they are gone. Returns how many."""
         if name not in self.connections.connections:
             raise IkeServiceError(f"no connection named {name!r}")
-        recs = [r for r in self._records.values() if r.conn.name == name]
+        recs = self._records_of(name)
         for rec in recs:
             self._down(rec)
         waits = [asyncio.ensure_future(r.gone.wait()) for r in recs]
@@ -1034,6 +1052,13 @@ class IkeService:
     @property
     def records(self) -> list[IkeRecord]:
         return list(self._records.values())
+
+    def stats(self) -> dict[str, int]:
+        """Counters, and how many IKE SAs are up and Child SAs installed right now."""
+        established = sum(1 for r in self._records.values() if r.sa.state is State.ESTABLISHED)
+        children = sum(len(r.children) for r in self._records.values())
+        return {**self.counters, "ike_sas": len(self._records),
+                "ike_sas_established": established, "child_sas": children}
 
     @property
     def policy_sets(self) -> dict[tuple[Any, ...], PolicySet]:

@@ -144,7 +144,7 @@ class Daemon:
         if self.datapath is not None:
             result["datapath"] = self.datapath.stats()
         if self.ike is not None:
-            result["ike"] = dict(self.ike.counters)
+            result["ike"] = self.ike.stats()
         return result
 
     async def reload(self) -> dict[str, list[str]]:

@@ -289,7 +289,7 @@ class Kernel:
         if owner is not None:
             owner.larval.discard(old)
         self._schedule(new)
-        log.info("pfkey: SA %s %#x %s->%s updated", satype.name, new.spi, new.src, new.dst)
+        log.debug("pfkey: SA %s %#x %s->%s updated", satype.name, new.spi, new.src, new.dst)
         return [self._broadcast_sa(new, msg)]
 
     def _add(self, sock_id: int, msg: Message, now: float) -> list[Delivery]:
@@ -299,7 +299,7 @@ class Kernel:
             raise Refused(errno.EEXIST, f"SA {sa.spi:#x} for {sa.dst} exists")
         self.sad.add(sa)
         self._schedule(sa)
-        log.info("pfkey: SA %s %#x %s->%s added", satype.name, sa.spi, sa.src, sa.dst)
+        log.debug("pfkey: SA %s %#x %s->%s added", satype.name, sa.spi, sa.src, sa.dst)
         return [self._broadcast_sa(sa, msg)]
 
     def _lookup_sa(self, msg: Message) -> SecurityAssociation:
@@ -316,7 +316,7 @@ class Kernel:
     def _delete(self, sock_id: int, msg: Message, now: float) -> list[Delivery]:
         sa = self._lookup_sa(msg)
         self._remove_sa(sa)
-        log.info("pfkey: SA %s %#x %s->%s deleted", sa.satype.name, sa.spi, sa.src, sa.dst)
+        log.debug("pfkey: SA %s %#x %s->%s deleted", sa.satype.name, sa.spi, sa.src, sa.dst)
         return [self._broadcast_sa(sa, msg)]
 
     def _get(self, sock_id: int, msg: Message, now: float) -> list[Delivery]:
@@ -390,7 +390,7 @@ class Kernel:
             self.spd.insert(policy)
         else:
             self.spd.update(policy)
-        log.info("pfkey: policy %d %s %s", policy.id, policy.direction.name,
+        log.debug("pfkey: policy %d %s %s", policy.id, policy.direction.name,
                  "added" if existing is None else "updated")
         return [Delivery(Audience.ALL, policy_message(policy, msg.type, seq=msg.seq, pid=msg.pid))]
 
@@ -407,7 +407,7 @@ class Kernel:
     def _removed_policy(self, policy: Policy, msg: Message) -> list[Delivery]:
         self.spd.remove(policy)
         self._forget_acquires(policy.id)
-        log.info("pfkey: policy %d %s deleted", policy.id, policy.direction.name)
+        log.debug("pfkey: policy %d %s deleted", policy.id, policy.direction.name)
         return [Delivery(Audience.ALL, policy_message(policy, msg.type, seq=msg.seq, pid=msg.pid))]
 
     def _spdget(self, sock_id: int, msg: Message, now: float) -> list[Delivery]:
