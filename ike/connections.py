@@ -24,6 +24,7 @@ file that holds one must not be readable by group or others.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import os
 import re
@@ -68,7 +69,8 @@ class ChildConfig:
 
     def selectors(self, local: bool, ike_addr: str) -> list[TrafficSelector]:
         """Selectors for one side; "dynamic" is that side's IKE address."""
-        return [parse_ts(ts, ike_addr) for ts in (self.local_ts if local else self.remote_ts)]
+        return [_parse_ts_cached(ts, ike_addr)
+                for ts in (self.local_ts if local else self.remote_ts)]
 
 
 @dataclass(slots=True)
@@ -277,6 +279,10 @@ def parse_ts(text: str, ike_addr: str | None = None) -> TrafficSelector:
     network = ipaddress.ip_network(net, strict=False)
     return TrafficSelector(network.network_address, network.broadcast_address, proto, sport,
                            eport)
+
+
+# Selectors are immutable: each (text, IKE address) is parsed once, not once per IKE SA.
+_parse_ts_cached = functools.lru_cache(maxsize=1 << 16)(parse_ts)
 
 
 # -- parsing --------------------------------------------------------------------------------

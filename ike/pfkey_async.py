@@ -93,21 +93,29 @@ class AsyncPfkey:
         if not msg.seq:
             msg.seq = self._next_seq()
         msg.ext.setdefault(ExtType.X_UIPSEC, UipsecExt())
+        data = encode(msg)
         try:
-            await asyncio.get_running_loop().sock_sendall(self._sock, encode(msg))
+            try:  # a SEQPACKET send is whole or nothing: the loop is needed only when full
+                self._sock.send(data)
+            except BlockingIOError:
+                await asyncio.get_running_loop().sock_sendall(self._sock, data)
         except (BrokenPipeError, ConnectionResetError) as exc:
             raise DaemonNotRunning("the PF_KEY daemon went away") from exc
 
     async def request(self, msg: Message, timeout: float = REQUEST_TIMEOUT) -> Message:
         """Send and await the reply; PfkeyReplyError when the kernel sets errno."""
-        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Message] = loop.create_future()
         msg.seq = msg.seq or self._next_seq()
         key = (msg.seq, int(msg.type))
         self._waiting[key] = fut
+        # One timer rather than asyncio.wait_for (a task and callbacks per request).
+        timer = loop.call_later(timeout, _time_out, fut)
         try:
             await self._send(msg)
-            reply = await asyncio.wait_for(fut, timeout)
+            reply = await fut
         finally:
+            timer.cancel()
             self._waiting.pop(key, None)
         if reply.errno:
             raise PfkeyReplyError(reply)
@@ -179,3 +187,8 @@ class AsyncPfkey:
             entries.append(msg)
         if msg.seq == 0:
             fut.set_result(entries)
+
+
+def _time_out(fut: asyncio.Future[Message]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no PF_KEY reply"))
