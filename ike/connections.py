@@ -281,8 +281,20 @@ def parse_ts(text: str, ike_addr: str | None = None) -> TrafficSelector:
                            eport)
 
 
-# Selectors are immutable: each (text, IKE address) is parsed once, not once per IKE SA.
+# Selectors and proposals are immutable: each text is parsed once, not once per IKE SA or per
+# connection of a configuration with thousands.
 _parse_ts_cached = functools.lru_cache(maxsize=1 << 16)(parse_ts)
+
+
+@functools.lru_cache(maxsize=1 << 12)
+def _parse_proposal_cached(text: str, kind: str, allow_weak: bool) -> ProposalSpec:
+    return parse_proposal(text, kind, allow_weak=allow_weak)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def network_literal(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
+    """``text`` as an address or prefix (ValueError if it is neither, e.g. a host name)."""
+    return ipaddress.ip_network(text, strict=False)
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -357,7 +369,7 @@ class _Reader:
         for text in texts:
             for one in defaults if text == "default" else (text,):
                 try:
-                    out.append(parse_proposal(one, kind, allow_weak=allow_weak))  # type: ignore[arg-type]
+                    out.append(_parse_proposal_cached(one, kind, allow_weak))
                 except ProposalError as exc:
                     raise self.error(key, f"{self.name}.{key}: {exc}") from None
         if not out:
@@ -378,7 +390,7 @@ def _addresses(reader: _Reader, key: str, allow_names: bool) -> list[str]:
         if value == ANY:
             continue
         try:
-            ipaddress.ip_network(value, strict=False)
+            network_literal(value)
         except ValueError:
             if not allow_names or not re.fullmatch(r"[A-Za-z0-9.-]+", value):
                 raise reader.error(key, f"{reader.name}.{key}: {value!r} is not an address")\
@@ -396,7 +408,7 @@ def _child(table: dict[str, Any], name: str, prefix: str, path: str, locate: _Lo
             raise r.error(key, f"{r.name}.{key} is empty")
         for value in values:
             try:
-                parse_ts(value, "0.0.0.0")
+                _parse_ts_cached(value, "0.0.0.0")
             except ValueError as exc:
                 raise r.error(key, f"{r.name}.{key}: {exc}") from None
     child = ChildConfig(name, local_ts, remote_ts)

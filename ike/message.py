@@ -115,7 +115,10 @@ class Message:
 
     def find(self, cls: type[Payload]) -> Payload | None:
         """The first payload of exactly the given class (IdiPayload vs IdrPayload differ)."""
-        return next((p for p in self.payloads if type(p) is cls), None)
+        for p in self.payloads:
+            if type(p) is cls:
+                return p
+        return None
 
     def notifies(self) -> list[NotifyPayload]:
         return [p for p in self.payloads if isinstance(p, NotifyPayload)]

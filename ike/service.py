@@ -31,6 +31,7 @@ from ike.connections import (
     address_identity,
     format_identity,
     from_config,
+    network_literal,
 )
 from ike.constants import DhId, EncrId, ExchangeType, HeaderFlag, IntegId, PrfId
 from ike.core import TERMINAL, ChildState, State
@@ -483,13 +484,19 @@ class IkeService:
             log.warning("ike: send to %s:%d failed: %s", addr[0], addr[1], exc)
 
     def _arm(self, rec: IkeRecord) -> None:
-        if rec.timer is not None:
-            rec.timer.cancel()
-            rec.timer = None
+        """Wake up for the record's next deadline. A timer already set for an earlier time is
+        kept (it finds nothing due and re-arms): most messages push a deadline out (a reply
+        ends a retransmission), and replacing a loop timer per message costs more."""
         times = [t for t in (rec.sa.get_timer(), rec.dpd_at, rec.rekey_at) if t is not None]
         times += [t for old in self._old_sas(rec) if (t := old.get_timer()) is not None]
-        if times and self._loop is not None:
-            rec.timer = self._loop.call_at(min(times), self._on_timer, rec)
+        if not times or self._loop is None:
+            return
+        when = min(times)
+        if rec.timer is not None:
+            if rec.timer.when() <= when:
+                return
+            rec.timer.cancel()
+        rec.timer = self._loop.call_at(when, self._on_timer, rec)
 
     def _old_sas(self, rec: IkeRecord) -> list[IkeSa]:
         return [sa for sa in rec.routed.values() if sa is not rec.sa]
@@ -937,7 +944,7 @@ class IkeService:
         if remote is None:
             raise IkeServiceError(f"connection {conn.name} has no remote address to initiate to")
         try:
-            remote_ip = str(ipaddress.ip_network(remote, strict=False).network_address)
+            remote_ip = str(network_literal(remote).network_address)
         except ValueError:
             assert self._loop is not None
             infos = await self._loop.getaddrinfo(remote, None, type=socket.SOCK_DGRAM)
