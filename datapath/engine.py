@@ -31,6 +31,7 @@ from datapath.keepalive import KeepalivePeers
 from datapath.netconf import NetConfig, NetConfigError, RoutingPolicy, tun_mtu
 from datapath.outbound import Outbound
 from datapath.routes import RouteSync, local_addresses
+from datapath.rtnl import KernelRoutes, RouteClient
 from datapath.satable import SaTable
 from datapath.sockets import DatagramBatch, RawEspSocket, UdpSocket
 from datapath.stats import DatapathStats
@@ -71,7 +72,9 @@ _T = TypeVar("_T")
 
 class _Netlink:
     """pyroute2's IPRoute runs an event loop of its own and refuses to start inside a running
-    one: every netlink call is made in one worker thread (briefly blocking the caller)."""
+    one: every netlink call is made in one worker thread (briefly blocking the caller). Only
+    the rare calls (link, addresses, rules) go this way; the per-policy routes go through
+    datapath.rtnl, whose answers the loop reads."""
 
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="uipsec-netlink")
@@ -94,14 +97,6 @@ class _Netlink:
             self._ipr.link("set", index=index, txqlen=length)
 
         self.call(run)
-
-    def add_route(self, dst: str, ifname: str, src: str | None = None) -> None:
-        assert self.netconf is not None
-        self.call(self.netconf.add_route, dst, ifname, src)
-
-    def remove_route(self, dst: str, ifname: str) -> None:
-        assert self.netconf is not None
-        self.call(self.netconf.remove_route, dst, ifname)
 
     def close(self) -> None:
         netconf, self.netconf = self.netconf, None
@@ -131,6 +126,7 @@ class Datapath:
         self._udp_all: list[UdpSocket] = []
         self.tun: TunDevice | None = None
         self.netlink: _Netlink | None = None
+        self.kernel_routes: KernelRoutes | None = None
         self.routes: RouteSync | None = None
         self.table = SaTable(kernel, udp=self.udp, raw=self.raw,
                              always_encap=config.always_encap, udp_port=config.udp_port,
@@ -182,8 +178,10 @@ class Datapath:
         tun: TunDevice | None = None
         udp: list[UdpSocket] = []
         raw: list[RawEspSocket] = []
+        kernel_routes: KernelRoutes | None = None
         try:
             netconf = netlink.open(RoutingPolicy(table=cfg.table, fwmark=mark))
+            kernel_routes = KernelRoutes(RouteClient(cfg.table))
             tun = TunDevice(cfg.tun_name, vnet_hdr=True)  # GSO writes: datapath.tunwriter
             if TUN_OFFLOADS and not tun.set_offload(TUN_OFFLOADS):
                 log.info("datapath: TUN offloads refused; the kernel segments for us")
@@ -201,13 +199,17 @@ class Datapath:
                 s.close()
             if tun is not None:
                 tun.close()
+            if kernel_routes is not None:
+                kernel_routes.close()
             self.netlink = None
             netlink.close()
             if isinstance(exc, NetConfigError):
                 raise OSError(str(exc)) from exc
             raise
         self.attach(tun, udp, raw)
-        self.routes = RouteSync(netlink, tun.name)
+        kernel_routes.attach(loop)  # route answers are read by the loop, never waited for
+        self.kernel_routes = kernel_routes
+        self.routes = RouteSync(kernel_routes, tun.name)
         self._loop = loop
         loop.add_reader(tun.fd, self.handle_tun)
         self._readers.append(tun.fd)
@@ -231,6 +233,16 @@ class Datapath:
         self._readers.clear()
         for s in (*self._udp_all, *self.raw.values()):
             s.close()
+        if self.kernel_routes is not None:  # the daemon leaves no route behind
+            try:
+                failures = self.kernel_routes.remove_all(NETLINK_TIMEOUT)
+            except OSError as exc:
+                failures = [str(exc)]
+            finally:
+                self.kernel_routes.close()
+                self.kernel_routes = None
+            if failures:
+                log.warning("datapath: cleanup: cannot remove routes: %s", "; ".join(failures))
         if self.netlink is not None:
             try:
                 self.netlink.close()
@@ -457,4 +469,8 @@ class Datapath:
             out["tun_gso_segments"] = writer.merged
         if self.routes is not None:
             out["route_errors"] = self.routes.errors
+        if self.kernel_routes is not None:
+            answers = self.kernel_routes.client.stats
+            out["route_answers_lost"] = answers.lost  # receive buffer overruns: retried
+            out["route_answers_bad"] = answers.malformed + answers.unexpected
         return out

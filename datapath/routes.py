@@ -13,7 +13,8 @@ import bisect
 import ipaddress
 import logging
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, Protocol
 
 from userspace_ipsec.pfkey.constants import IpsecMode, PolicyDir, PolicyType
@@ -23,9 +24,15 @@ from userspace_ipsec.spd import SPD
 log = logging.getLogger(__name__)
 
 
+Done = Callable[[OSError | None], None]  # None: done; else why the kernel refused
+
+
 class RouteInstaller(Protocol):
-    def add_route(self, dst: str, ifname: str, src: str | None = None) -> None: ...
-    def remove_route(self, dst: str, ifname: str) -> None: ...
+    """Installs routes into a device; ``done`` is called once per request, before the call
+    returns or later (from the event loop), unless the call raises instead."""
+
+    def add_route(self, dst: str, ifname: str, src: str | None, done: Done) -> None: ...
+    def remove_route(self, dst: str, ifname: str, done: Done) -> None: ...
 
 
 def local_addresses() -> frozenset[bytes]:
@@ -118,11 +125,15 @@ class RouteSync:
     change log (a policy added or removed costs O(1), not a walk of the SPD); failures are
     logged and retried on the next sync (a route the kernel refuses must not stop the daemon).
 
+    Requests may complete later (``RouteInstaller``): a destination has at most one request in
+    flight, and when its answer comes the route is brought to what is wanted by then.
+    ``installed`` holds only what the kernel confirmed.
+
     Among outbound ipsec policies with one destination, the oldest still present chooses the
     route's source."""
 
     __slots__ = ("installer", "ifname", "installed", "errors", "_index", "_sources", "_wanted",
-                 "_cursor", "_retry")
+                 "_cursor", "_retry", "_in_flight")
 
     def __init__(self, installer: RouteInstaller, ifname: str) -> None:
         self.installer = installer
@@ -134,9 +145,16 @@ class RouteSync:
         self._wanted: dict[str, dict[Policy, str | None]] = {}  # dst -> its policies' sources
         self._cursor = -1
         self._retry: set[str] = set()
+        self._in_flight: dict[str, tuple[bool, str | None]] = {}  # dst -> (add?, source)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not answered yet."""
+        return len(self._in_flight)
 
     def sync(self, spd: SPD, local: frozenset[bytes]) -> bool:
-        """Add, change and remove routes; True when everything is in place."""
+        """Add, change and remove routes; False when a request failed (answers that come
+        later count in ``errors`` and are retried on the next sync)."""
         index = self._index
         changed = spd.changes.since(self._cursor)
         self._cursor = spd.changes.cursor
@@ -162,35 +180,47 @@ class RouteSync:
                 sources.pop(policy, None)
                 if not sources:
                     del self._wanted[dst]
-        ok = True
         for dst in dirty:
-            if not self._apply(dst):
-                ok = False
-                self._retry.add(dst)
-        return ok
+            self._apply(dst)
+        return not self._retry
 
-    def _apply(self, dst: str) -> bool:
+    def _apply(self, dst: str) -> None:
+        if dst in self._in_flight:
+            return  # its answer brings it up to date
         sources = self._wanted.get(dst)
-        if not sources:
-            if dst not in self.installed:
-                return True
-            try:
-                self.installer.remove_route(dst, self.ifname)
-            except Exception as exc:  # netlink refusal: keep it, try again next time
-                self.errors += 1
-                log.warning("datapath: cannot remove route %s: %s", dst, exc)
-                return False
-            del self.installed[dst]
-            return True
-        src = next(iter(sources.values()))
-        if dst in self.installed and self.installed[dst] == src:
-            return True
+        src = None
+        if sources:
+            src = next(iter(sources.values()))
+            if dst in self.installed and self.installed[dst] == src:
+                return
+        elif dst not in self.installed:
+            return
+        add = bool(sources)
+        self._in_flight[dst] = (add, src)
+        done = partial(self._done, dst)
         try:
-            self.installer.add_route(dst, self.ifname, src)
-        except Exception as exc:
+            if add:
+                self.installer.add_route(dst, self.ifname, src, done)
+            else:
+                self.installer.remove_route(dst, self.ifname, done)
+        except Exception as exc:  # netlink refusal: keep what is there, try again next time
+            if dst in self._in_flight:
+                done(exc if isinstance(exc, OSError) else OSError(str(exc)))
+
+    def _done(self, dst: str, error: OSError | None) -> None:
+        asked = self._in_flight.pop(dst, None)
+        if asked is None:
+            return  # answered twice: the installer's bug, not a route change
+        add, src = asked
+        if error is not None:
             self.errors += 1
-            log.warning("datapath: cannot add route %s: %s", dst, exc)
-            return False
-        self.installed[dst] = src
-        log.debug("datapath: route %s dev %s src %s", dst, self.ifname, src or "-")
-        return True
+            log.warning("datapath: cannot %s route %s: %s", "add" if add else "remove", dst,
+                        error)
+            self._retry.add(dst)
+            return
+        if add:
+            self.installed[dst] = src
+            log.debug("datapath: route %s dev %s src %s", dst, self.ifname, src or "-")
+        else:
+            self.installed.pop(dst, None)
+        self._apply(dst)  # the SPD may have changed while the request was out

@@ -2,32 +2,57 @@
 
 from __future__ import annotations
 
+import errno
 import socket
+from collections.abc import Callable
 
 import pytest
 
-from datapath.routes import RouteSync, preferred_source, wanted_routes
+from datapath.routes import Done, RouteSync, preferred_source, wanted_routes
 from tests.datapath.engine_helpers import make_side
 from userspace_ipsec.config import ConfigError, loads
 
 
 class RecordingInstaller:
-    """Netlink stand-in that records what RouteSync asks for (RouteSync is under test)."""
+    """Netlink stand-in that records what RouteSync asks for (RouteSync is under test).
 
-    def __init__(self, refuse: str = "") -> None:
+    Answers at once (refusing by raising, as a failed send does), or, with ``deferred``, when
+    ``answer()`` is called (as the loop reader does; refusing with EINVAL)."""
+
+    def __init__(self, refuse: str = "", deferred: bool = False) -> None:
         self.routes: dict[str, str | None] = {}
         self.calls: list[str] = []
         self.refuse = refuse
+        self.deferred = deferred
+        self.waiting: list[tuple[str, Callable[[], object], Done]] = []
 
-    def add_route(self, dst: str, ifname: str, src: str | None = None) -> None:
+    def _request(self, dst: str, apply: Callable[[], object], done: Done) -> None:
+        if self.deferred:
+            self.waiting.append((dst, apply, done))
+            return
         if dst == self.refuse:
-            raise OSError("refused")
-        self.calls.append(f"add {dst} {src}")
-        self.routes[dst] = src
+            raise OSError(errno.EINVAL, "refused")
+        apply()
+        done(None)
 
-    def remove_route(self, dst: str, ifname: str) -> None:
+    def add_route(self, dst: str, ifname: str, src: str | None, done: Done) -> None:
+        self.calls.append(f"add {dst} {src}")
+        self._request(dst, lambda: self.routes.__setitem__(dst, src), done)
+
+    def remove_route(self, dst: str, ifname: str, done: Done) -> None:
         self.calls.append(f"del {dst}")
-        del self.routes[dst]
+        self._request(dst, lambda: self.routes.pop(dst), done)
+
+    def answer(self) -> int:
+        """Answer every waiting request, in order; how many there were."""
+        waiting, self.waiting = self.waiting, []
+        for dst, apply, done in waiting:
+            if dst == self.refuse:
+                done(OSError(errno.EINVAL, "refused"))
+            else:
+                apply()
+                done(None)
+        return len(waiting)
 
 
 def packed(*addrs: str) -> frozenset[bytes]:
@@ -76,6 +101,33 @@ def test_route_sync_follows_spd_changes_and_retries_failures() -> None:
     assert sync.sync(side.kernel.spd, local)
     assert installer.calls == ["del 10.5.0.0/24"]
     assert sync.sync(side.kernel.spd, local) and installer.calls == ["del 10.5.0.0/24"]
+
+
+def test_route_sync_with_late_answers_converges_and_retries_refusals() -> None:
+    """Answers read later (by the loop): one request per destination in flight, the SPD's
+    changes meanwhile applied when the answer comes, refusals counted and retried."""
+    side = make_side("127.0.0.1")
+    side.setkey(SCRIPT)
+    installer = RecordingInstaller(refuse="10.5.0.0/24", deferred=True)
+    sync = RouteSync(installer, "uipsec0")
+    local = packed("10.1.0.1", "192.0.2.1")
+    sync.sync(side.kernel.spd, local)
+    assert sync.in_flight == 4 and sync.installed == {} and sync.errors == 0
+    # changed while in flight: 10.4.0.0/24 goes away before its add is answered
+    side.setkey("spddelete 10.1.0.0/24 10.4.0.0/24 any -P out;\n")
+    installer.calls.clear()
+    sync.sync(side.kernel.spd, local)
+    assert installer.calls == []  # nothing sent twice for a destination
+    assert installer.answer() == 4
+    assert sync.errors == 1 and "10.5.0.0/24" not in sync.installed
+    assert installer.calls == ["del 10.4.0.0/24"]  # sent when the add was confirmed
+    assert installer.answer() == 1 and sync.in_flight == 0
+    assert sync.installed == installer.routes == {"192.0.2.3/32": "192.0.2.1",
+                                                  "fd00:4::/64": None}
+    installer.refuse = ""
+    assert sync.sync(side.kernel.spd, local)  # the refused route is retried
+    assert installer.answer() == 1 and sync.errors == 1
+    assert sync.installed == wanted_routes(side.kernel.spd, local) == installer.routes
 
 
 def test_datapath_config_defaults_and_errors() -> None:
