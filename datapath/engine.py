@@ -416,9 +416,11 @@ class Datapath:
         self.mtu = mtu
 
     def tick(self, now: float) -> None:
-        """Timer work: local address refresh, NAT keepalives."""
+        """Timer work: local address refresh, route retries, NAT keepalives."""
         if now - self._local_at >= LOCAL_REFRESH:
             self._local_at = now
+            if self.routes is not None and self.routes.failed:
+                self._spd_gen = -1  # retry refused routes even if the SPD stays as it is
             try:
                 local = self._local()
             except OSError as exc:

@@ -152,6 +152,11 @@ class RouteSync:
         """Requests sent and not answered yet."""
         return len(self._in_flight)
 
+    @property
+    def failed(self) -> int:
+        """Destinations whose last request failed: the next sync tries them again."""
+        return len(self._retry)
+
     def sync(self, spd: SPD, local: frozenset[bytes]) -> bool:
         """Add, change and remove routes; False when a request failed (answers that come
         later count in ``errors`` and are retried on the next sync)."""

@@ -176,7 +176,7 @@ class RouteClient:
             self._sock.close()
             raise
         granted = self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
-        self.capacity = max(16, min(MAX_IN_FLIGHT, granted // ANSWER_COST))
+        self.capacity = max(1, min(MAX_IN_FLIGHT, granted // ANSWER_COST))
         self._seq = 0
         self._pending: set[int] = set()
         self._lost_upto = 0  # after an overrun: unanswered requests up to this seq are lost
@@ -397,38 +397,42 @@ class KernelRoutes:
                 done(error_of(answer))
 
     def remove_all(self, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
-        """Delete every route we may have installed (waiting at most ``timeout`` seconds);
-        the failures, as text (a route already gone is no failure)."""
+        """Delete every route we may have installed, within ``timeout`` seconds (answers lost
+        to an overrun are asked again); the failures, as text (a route already gone is no
+        failure). Requests still in flight are settled first; their callbacks are dropped."""
         self.detach()
         client = self.client
-        self._dispatch(client.read())  # settle what is in flight first
+        self._dispatch(client.read())
         self._waiting.clear()
-        failures: list[str] = []
-        asked: dict[int, str] = {}
+        failures: dict[str, str] = {}
+        todo = dict(self.present)
         deadline = time.monotonic() + timeout
-        for dst, oif in list(self.present.items()):
-            if client.in_flight >= client.capacity:
-                failures += self._settle(client.drain(max(0.0, deadline - time.monotonic())),
-                                         asked)
-            try:
-                asked[client.delete(dst, oif)] = dst
-            except (OSError, ValueError) as exc:
-                failures.append(f"{dst}: {exc}")
-        failures += self._settle(client.drain(max(0.0, deadline - time.monotonic())), asked)
-        failures += [f"{dst}: no netlink answer" for dst in asked.values()]
-        return failures
+        while todo and (left := deadline - time.monotonic()) > 0:
+            asked: dict[int, str] = {}
+            for dst, oif in list(todo.items()):
+                if client.in_flight >= client.capacity:
+                    self._settle(client.drain(left), asked, todo, failures)
+                try:
+                    asked[client.delete(dst, oif)] = dst
+                except (OSError, ValueError) as exc:
+                    failures[dst] = str(exc)
+                    del todo[dst]
+            self._settle(client.drain(max(0.0, deadline - time.monotonic())), asked, todo,
+                         failures)
+        failures.update((dst, "no netlink answer") for dst in todo)
+        return [f"{dst}: {why}" for dst, why in failures.items()]
 
-    def _settle(self, answers: list[Answer], asked: dict[int, str]) -> list[str]:
-        failures = []
+    def _settle(self, answers: list[Answer], asked: dict[int, str], todo: dict[str, int],
+                failures: dict[str, str]) -> None:
         for answer in answers:
             dst = asked.pop(answer.seq, None)
-            if dst is None:
-                continue
+            if dst is None or answer.error == errno.ENOBUFS:
+                continue  # not ours, or lost: asked again in the next round
+            del todo[dst]
             if not answer.error or answer.error in _GONE:
                 self.present.pop(dst, None)
             else:
-                failures.append(f"{dst}: {error_of(answer)}")
-        return failures
+                failures[dst] = str(error_of(answer))
 
     def close(self) -> None:
         self.detach()

@@ -8,8 +8,9 @@ from collections.abc import Callable
 
 import pytest
 
+from datapath.engine import LOCAL_REFRESH
 from datapath.routes import Done, RouteSync, preferred_source, wanted_routes
-from tests.datapath.engine_helpers import make_side
+from tests.datapath.engine_helpers import NOW, make_side
 from userspace_ipsec.config import ConfigError, loads
 
 
@@ -128,6 +129,19 @@ def test_route_sync_with_late_answers_converges_and_retries_refusals() -> None:
     assert sync.sync(side.kernel.spd, local)  # the refused route is retried
     assert installer.answer() == 1 and sync.errors == 1
     assert sync.installed == wanted_routes(side.kernel.spd, local) == installer.routes
+
+
+def test_the_datapath_retries_refused_routes_on_its_timer() -> None:
+    side = make_side("127.0.0.1")
+    installer = RecordingInstaller(refuse="10.5.0.0/24")
+    side.dp.routes = sync = RouteSync(installer, "uipsec0")
+    side.setkey(SCRIPT)
+    assert sync.failed == 1 and "10.5.0.0/24" not in installer.routes
+    side.dp.tick(NOW + 1)
+    assert sync.errors == 1  # not yet: at most one retry per LOCAL_REFRESH
+    installer.refuse = ""
+    side.dp.tick(NOW + LOCAL_REFRESH)
+    assert sync.failed == 0 and sync.errors == 1 and "10.5.0.0/24" in installer.routes
 
 
 def test_datapath_config_defaults_and_errors() -> None:
