@@ -50,6 +50,7 @@ from ike.events import (
     PeerNotify,
 )
 from ike.keying import Keying, KeyingError, PolicySet, SaParams, policy_selectors
+from ike.lanes import JobLanes, KeyedLocks
 from ike.payloads import TrafficSelector
 from ike.pfkey_async import AsyncPfkey
 from ike.sa import IkeSa
@@ -208,8 +209,8 @@ class IkeService:
         # SPI; added when the old pair goes (the peer's delete), as strongSwan does, because the
         # peer installs its new inbound SA only once it has our response.
         self._deferred_out: dict[bytes, tuple[ChildSaEstablished, SaParams]] = {}
-        self._jobs: asyncio.Queue[Callable[[], Awaitable[None]]] = asyncio.Queue()
-        self._worker: asyncio.Task[None] | None = None
+        self._jobs = JobLanes()  # PF_KEY work: in order per IKE SA, concurrent across them
+        self._policy_locks = KeyedLocks()  # a policy set's check and its PF_KEY requests
         self._tick: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Future[None]] = set()
         self.counters = {"datagrams_in": 0, "datagrams_out": 0, "dropped": 0,
@@ -233,7 +234,6 @@ class IkeService:
             raise
         if self._natt_register is not None:
             self._natt_register(self.handle_natt)
-        self._worker = asyncio.create_task(self._work())
         self._tick = asyncio.create_task(self._ticker())
         log.info("ike: listening on %s port %d%s", ", ".join(settings.listen), settings.port,
                  "" if self._natt_send else f" and {settings.natt_port}")
@@ -248,14 +248,15 @@ class IkeService:
             await asyncio.sleep(0.05)
         for rec in list(self._records.values()):
             self._forget(rec, "daemon stopping")
-        await self._jobs.join() if self._worker else None
+        await self._jobs.join()
         for key in list(self._policies):
             policy_set = self._policies.pop(key)
             await self._safely(self.keying.delete_policies(policy_set.ids))
         self._traps.clear()
         if self._natt_register is not None:
             self._natt_register(None)
-        for task in (self._worker, self._tick):
+        await self._jobs.cancel()
+        for task in (self._tick,):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -369,7 +370,7 @@ class IkeService:
         log.info("ike: %s peer moved from %s:%d to %s:%d", rec.name, old[0], old[1], *src)
         for child in rec.children.values():
             if child.params.remote_port != src[1] or str(child.params.remote) != src[0]:
-                self._enqueue(functools.partial(self._migrate, rec, child, src))
+                self._enqueue(rec, functools.partial(self._migrate, rec, child, src))
 
     async def _migrate(self, rec: IkeRecord, child: ChildRecord, src: Address) -> None:
         """Re-add the pair with the peer's new address/port (PF_KEY cannot change a mature SA)."""
@@ -428,7 +429,7 @@ class IkeService:
             async def send_installed() -> None:
                 self._send_all(rec, datagrams)
 
-            self._enqueue(send_installed)
+            self._enqueue(rec, send_installed)
         self._arm(rec)
 
     def _send_all(self, rec: IkeRecord, datagrams: list[tuple[bytes, Address]]) -> None:
@@ -604,7 +605,7 @@ class IkeService:
         if isinstance(event, IkeSaEstablished):
             self._on_established(sa, rec, event)
         elif isinstance(event, ChildSaEstablished):
-            self._enqueue(lambda: self._install(sa, rec, event))
+            self._enqueue(rec, lambda: self._install(sa, rec, event))
         elif isinstance(event, ChildSaDeleted):
             self._child_gone(rec, event.inbound_spi, event.outbound_spi, event.reason)
         elif isinstance(event, ChildSaFailed):
@@ -705,18 +706,9 @@ class IkeService:
 
     # -- PF_KEY work -------------------------------------------------------------------------
 
-    def _enqueue(self, job: Callable[[], Awaitable[None]]) -> None:
-        self._jobs.put_nowait(job)
-
-    async def _work(self) -> None:
-        while True:
-            job = await self._jobs.get()
-            try:
-                await job()
-            except Exception:
-                log.exception("ike: PF_KEY job failed")
-            finally:
-                self._jobs.task_done()
+    def _enqueue(self, rec: IkeRecord, job: Callable[[], Awaitable[None]]) -> None:
+        """PF_KEY work for ``rec``: after its earlier work, alongside other IKE SAs' work."""
+        self._jobs.put(rec.uid, job)
 
     @staticmethod
     async def _safely(coro: Awaitable[Any]) -> None:
@@ -770,12 +762,13 @@ class IkeService:
             rec.larval.discard(ev.inbound_spi)
             key = (rec.conn.name, child.name, mode, tuple(ev.local_ts), tuple(ev.remote_ts),
                    str(params.local), str(params.remote))
-            policy_set = self._policies.get(key)
-            if policy_set is None:
-                ids = await self.keying.add_policies(selectors, params.local, params.remote,
-                                                     mode, params.reqid)
-                policy_set = self._policies[key] = PolicySet(params.reqid, ids)
-            policy_set.refs += 1
+            async with self._policy_locks.hold(key):
+                policy_set = self._policies.get(key)
+                if policy_set is None:
+                    ids = await self.keying.add_policies(selectors, params.local, params.remote,
+                                                         mode, params.reqid)
+                    policy_set = self._policies[key] = PolicySet(params.reqid, ids)
+                policy_set.refs += 1
         except (KeyingError, ValueError) as exc:
             log.error("ike: %s %s: Child SA %s/%s not installed: %s", rec.name, child.name,
                       _spi(ev.inbound_spi), _spi(ev.outbound_spi), exc)
@@ -821,14 +814,15 @@ class IkeService:
             if successor is not None:  # the new outbound SA first: no gap in what we send
                 await self._safely(self.keying.install_outbound(*successor))
             await self._safely(self._delete_pair(child.params, inbound, outbound))
-            policy_set = self._policies.get(child.policy_key)
-            if policy_set is not None:
-                policy_set.refs -= 1
-                if policy_set.refs <= 0 and not policy_set.trap:
-                    del self._policies[child.policy_key]
-                    await self._safely(self.keying.delete_policies(policy_set.ids))
+            async with self._policy_locks.hold(child.policy_key):
+                policy_set = self._policies.get(child.policy_key)
+                if policy_set is not None:
+                    policy_set.refs -= 1
+                    if policy_set.refs <= 0 and not policy_set.trap:
+                        del self._policies[child.policy_key]
+                        await self._safely(self.keying.delete_policies(policy_set.ids))
 
-        self._enqueue(uninstall)
+        self._enqueue(rec, uninstall)
 
     # -- kernel messages ---------------------------------------------------------------------
 
@@ -910,18 +904,19 @@ class IkeService:
         mode = IpsecMode.TRANSPORT if child.mode == "transport" else IpsecMode.TUNNEL
         local_ts, remote_ts = child.selectors(True, local), child.selectors(False, remote)
         key = (conn.name, child.name, mode, tuple(local_ts), tuple(remote_ts), local, remote)
-        policy_set = self._policies.get(key)
-        if policy_set is None:
-            reqid = self._reqid(conn.name, child.name)
-            try:
-                ids = await self.keying.add_policies(
-                    policy_selectors(local_ts, remote_ts), ipaddress.ip_address(local),
-                    ipaddress.ip_address(remote), mode, reqid)
-            except (KeyingError, ValueError) as exc:
-                log.error("ike: %s/%s: trap not installed: %s", conn.name, child.name, exc)
-                return
-            policy_set = self._policies[key] = PolicySet(reqid, ids)
-        policy_set.trap = True
+        async with self._policy_locks.hold(key):
+            policy_set = self._policies.get(key)
+            if policy_set is None:
+                reqid = self._reqid(conn.name, child.name)
+                try:
+                    ids = await self.keying.add_policies(
+                        policy_selectors(local_ts, remote_ts), ipaddress.ip_address(local),
+                        ipaddress.ip_address(remote), mode, reqid)
+                except (KeyingError, ValueError) as exc:
+                    log.error("ike: %s/%s: trap not installed: %s", conn.name, child.name, exc)
+                    return
+                policy_set = self._policies[key] = PolicySet(reqid, ids)
+            policy_set.trap = True
         self._traps[(conn.name, child.name)] = key
         log.info("ike: %s/%s: trap policies installed for %s === %s", conn.name, child.name,
                  ts_text(local_ts), ts_text(remote_ts))
@@ -931,13 +926,14 @@ class IkeService:
             if name != conn_name:
                 continue
             del self._traps[(name, child_name)]
-            policy_set = self._policies.get(key)
-            if policy_set is None:
-                continue
-            policy_set.trap = False
-            if policy_set.refs <= 0:
-                del self._policies[key]
-                await self._safely(self.keying.delete_policies(policy_set.ids))
+            async with self._policy_locks.hold(key):
+                policy_set = self._policies.get(key)
+                if policy_set is None:
+                    continue
+                policy_set.trap = False
+                if policy_set.refs <= 0:
+                    del self._policies[key]
+                    await self._safely(self.keying.delete_policies(policy_set.ids))
 
     async def _endpoints(self, conn: ConnectionConfig) -> tuple[str, str]:
         remote = next((a for a in conn.remote_addrs if a != "%any"), None)
