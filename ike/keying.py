@@ -208,35 +208,43 @@ class Keying:
         """Inbound SA (UPDATE of the larval GETSPI one, else ADD), then outbound (ADD) unless
         `outbound` is False (then `install_outbound` later)."""
         spi_in = int.from_bytes(ev.inbound_spi, "big")
+        spi_out = int.from_bytes(ev.outbound_spi, "big")
         if ev.transforms.encr not in PFKEY_ENCR or ev.transforms.integ not in PFKEY_INTEG:
             raise KeyingError(f"no PF_KEY number for {ev.transforms}")
-        for kind in (MsgType.UPDATE, MsgType.ADD) if larval else (MsgType.ADD,):
-            inbound = self._sa_message(kind, spi_in, p.remote, p.local, p.remote_port,
-                                       p.local_port, ev.transforms, ev.encr_in, ev.integ_in, p)
-            try:
-                await self.pfkey.request(inbound)
-                break
-            except PfkeyReplyError as exc:
-                # ESRCH: the larval SA timed out while the install waited its turn (thousands
-                # of negotiations at once); ADD takes the SPI unless it went to another since.
-                if kind is MsgType.ADD or exc.errno != errno.ESRCH:
-                    raise KeyingError(f"inbound SA {spi_in:08x}: {exc}") from None
-        if outbound:
-            try:
-                await self.install_outbound(ev, p)
-            except KeyingError:
-                await self.delete_sa(p.remote, p.local, spi_in)
-                raise
+
+        def inbound(kind: MsgType) -> Message:
+            return self._sa_message(kind, spi_in, p.remote, p.local, p.remote_port,
+                                    p.local_port, ev.transforms, ev.encr_in, ev.integ_in, p)
+
+        msgs = [inbound(MsgType.UPDATE if larval else MsgType.ADD)]
+        if outbound:  # pipelined with the inbound SA: one wait for both replies
+            msgs.append(self._outbound_message(ev, p))
+        replies = await self.pfkey.requests(msgs)
+        reply_in = replies[0]
+        if larval and isinstance(reply_in, PfkeyReplyError) and reply_in.errno == errno.ESRCH:
+            # The larval SA timed out while the install waited its turn (thousands of
+            # negotiations at once); ADD takes the SPI unless it went to another since.
+            reply_in = (await self.pfkey.requests([inbound(MsgType.ADD)]))[0]
+        reply_out = replies[1] if outbound else None
+        if isinstance(reply_in, PfkeyReplyError):
+            if reply_out is not None and not isinstance(reply_out, PfkeyReplyError):
+                await self.delete_sa(p.local, p.remote, spi_out)
+            raise KeyingError(f"inbound SA {spi_in:08x}: {reply_in}")
+        if isinstance(reply_out, PfkeyReplyError):
+            await self.delete_sa(p.remote, p.local, spi_in)
+            raise KeyingError(f"outbound SA {spi_out:08x}: {reply_out}")
 
     async def install_outbound(self, ev: ChildSaEstablished, p: SaParams) -> None:
         """The outbound SA (ADD) of a pair; the newest mature SA is the one the kernel uses."""
-        spi_out = int.from_bytes(ev.outbound_spi, "big")
-        msg = self._sa_message(MsgType.ADD, spi_out, p.local, p.remote, p.local_port,
-                               p.remote_port, ev.transforms, ev.encr_out, ev.integ_out, p)
         try:
-            await self.pfkey.request(msg)
+            await self.pfkey.request(self._outbound_message(ev, p))
         except PfkeyReplyError as exc:
-            raise KeyingError(f"outbound SA {spi_out:08x}: {exc}") from None
+            raise KeyingError(f"outbound SA {ev.outbound_spi.hex()}: {exc}") from None
+
+    def _outbound_message(self, ev: ChildSaEstablished, p: SaParams) -> Message:
+        return self._sa_message(MsgType.ADD, int.from_bytes(ev.outbound_spi, "big"), p.local,
+                                p.remote, p.local_port, p.remote_port, ev.transforms,
+                                ev.encr_out, ev.integ_out, p)
 
     async def delete_sa(self, src: IPAddress, dst: IPAddress, spi: int) -> bool:
         """DELETE one SA; False if it was already gone (hard expiry got there first)."""
@@ -264,19 +272,24 @@ class Keying:
     async def add_policies(self, selectors: list[PolicySelector], local: IPAddress,
                            remote: IPAddress, mode: IpsecMode, reqid: int) -> list[int]:
         """out, in and fwd policies for each selector; all or nothing."""
-        ids: list[int] = []
-        try:
-            for sel in selectors:
-                for direction in (PolicyDir.OUTBOUND, PolicyDir.INBOUND, PolicyDir.FWD):
-                    ids.append(await self._spdadd(sel, direction, local, remote, mode, reqid))
-        except (PfkeyReplyError, KeyingError) as exc:
+        msgs = [self._spdadd_message(sel, direction, local, remote, mode, reqid)
+                for sel in selectors
+                for direction in (PolicyDir.OUTBOUND, PolicyDir.INBOUND, PolicyDir.FWD)]
+        replies = await self.pfkey.requests(msgs)  # pipelined: one wait for all of them
+        ids = [r.policy.id for r in replies if isinstance(r, Message) and r.policy is not None]
+        failed = next((r for r in replies if not isinstance(r, Message) or r.policy is None),
+                      None)
+        if failed is not None:
             await self.delete_policies(ids)
-            raise KeyingError(f"policy for {selectors[0].local}<->{selectors[0].remote}: {exc}")\
-                from None
+            reason = failed if isinstance(failed, PfkeyReplyError) else \
+                "X_SPDADD reply without a policy"
+            raise KeyingError(
+                f"policy for {selectors[0].local}<->{selectors[0].remote}: {reason}")
         return ids
 
-    async def _spdadd(self, sel: PolicySelector, direction: PolicyDir, local: IPAddress,
-                      remote: IPAddress, mode: IpsecMode, reqid: int) -> int:
+    @staticmethod
+    def _spdadd_message(sel: PolicySelector, direction: PolicyDir, local: IPAddress,
+                        remote: IPAddress, mode: IpsecMode, reqid: int) -> Message:
         out = direction == PolicyDir.OUTBOUND
         src_net, dst_net = (sel.local, sel.remote) if out else (sel.remote, sel.local)
         sport, dport = (sel.local_port, sel.remote_port) if out else \
@@ -285,28 +298,21 @@ class Keying:
         req = IpsecRequest(IPPROTO_ESP, mode, IpsecLevel.UNIQUE, reqid,
                            (local if out else remote) if tunnel else None,
                            (remote if out else local) if tunnel else None)
-        msg = Message(MsgType.X_SPDADD, SaType.UNSPEC, ext={
+        return Message(MsgType.X_SPDADD, SaType.UNSPEC, ext={
             ExtType.ADDRESS_SRC: AddressExt(src_net.network_address, src_net.prefixlen,
                                             sel.proto, sport),
             ExtType.ADDRESS_DST: AddressExt(dst_net.network_address, dst_net.prefixlen,
                                             sel.proto, dport),
             ExtType.X_POLICY: PolicyExt(PolicyType.IPSEC, direction, 0, sel.priority(), [req]),
         })
-        reply = await self.pfkey.request(msg)
-        policy = reply.policy
-        if policy is None:
-            raise KeyingError("X_SPDADD reply without a policy")
-        return policy.id
 
     async def delete_policies(self, ids: list[int]) -> None:
-        for policy_id in ids:
-            msg = Message(MsgType.X_SPDDELETE2, SaType.UNSPEC, ext={
-                ExtType.X_POLICY: PolicyExt(PolicyType.IPSEC, PolicyDir.OUTBOUND, policy_id)})
-            try:
-                await self.pfkey.request(msg)
-            except PfkeyReplyError as exc:
-                if exc.errno != errno.ENOENT:
-                    log.warning("keying: policy %d not deleted: %s", policy_id, exc)
+        msgs = [Message(MsgType.X_SPDDELETE2, SaType.UNSPEC, ext={
+            ExtType.X_POLICY: PolicyExt(PolicyType.IPSEC, PolicyDir.OUTBOUND, policy_id)})
+            for policy_id in ids]
+        for policy_id, reply in zip(ids, await self.pfkey.requests(msgs), strict=True):
+            if isinstance(reply, PfkeyReplyError) and reply.errno != errno.ENOENT:
+                log.warning("keying: policy %d not deleted: %s", policy_id, reply)
 
     async def move_peer(self, inbound_spi: bytes, outbound_spi: bytes, p: SaParams,
                         remote: IPAddress, remote_port: int) -> bool:

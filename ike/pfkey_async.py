@@ -104,22 +104,37 @@ class AsyncPfkey:
 
     async def request(self, msg: Message, timeout: float = REQUEST_TIMEOUT) -> Message:
         """Send and await the reply; PfkeyReplyError when the kernel sets errno."""
+        reply = (await self.requests([msg], timeout))[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    async def requests(self, msgs: list[Message], timeout: float = REQUEST_TIMEOUT
+                       ) -> list[Message | PfkeyReplyError]:
+        """Send several requests back to back, then await all their replies (one loop wake-up
+        can bring them all): each is the reply, or the PfkeyReplyError of a refusal. A
+        timeout or a lost socket raises, with the other requests left to the kernel."""
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Message] = loop.create_future()
-        msg.seq = msg.seq or self._next_seq()
-        key = (msg.seq, int(msg.type))
-        self._waiting[key] = fut
+        futs: list[asyncio.Future[Message]] = []
+        keys = []
+        for msg in msgs:
+            msg.seq = msg.seq or self._next_seq()
+            key = (msg.seq, int(msg.type))
+            fut: asyncio.Future[Message] = loop.create_future()
+            self._waiting[key] = fut
+            keys.append(key)
+            futs.append(fut)
         # One timer rather than asyncio.wait_for (a task and callbacks per request).
-        timer = loop.call_later(timeout, _time_out, fut)
+        timer = loop.call_later(timeout, _time_out, futs)
         try:
-            await self._send(msg)
-            reply = await fut
+            for msg in msgs:
+                await self._send(msg)
+            replies = [await fut for fut in futs]
         finally:
             timer.cancel()
-            self._waiting.pop(key, None)
-        if reply.errno:
-            raise PfkeyReplyError(reply)
-        return reply
+            for key in keys:
+                self._waiting.pop(key, None)
+        return [PfkeyReplyError(r) if r.errno else r for r in replies]
 
     async def dump(self, msg_type: MsgType = MsgType.DUMP,
                    satype: int = SaType.UNSPEC) -> list[Message]:
@@ -189,6 +204,7 @@ class AsyncPfkey:
             fut.set_result(entries)
 
 
-def _time_out(fut: asyncio.Future[Message]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError("no PF_KEY reply"))
+def _time_out(futs: list[asyncio.Future[Message]]) -> None:
+    for fut in futs:
+        if not fut.done():
+            fut.set_exception(TimeoutError("no PF_KEY reply"))
