@@ -197,6 +197,7 @@ class IkeService:
         self._socks: list[socket.socket] = []
         self._ike_socks: dict[int, socket.socket] = {}  # family -> UDP 500
         self._natt_socks: dict[int, socket.socket] = {}  # family -> own UDP 4500
+        self._wildcard: set[socket.socket] = set()  # bound to any address: we pick the source
         self._routes: dict[bytes, tuple[IkeSa, IkeRecord]] = {}
         self._half_open: dict[tuple[bytes, Address], tuple[IkeSa, IkeRecord]] = {}
         self._records: dict[int, IkeRecord] = {}
@@ -274,6 +275,7 @@ class IkeService:
         self._socks.clear()
         self._ike_socks.clear()
         self._natt_socks.clear()
+        self._wildcard.clear()
 
     def _bind(self, addr: str, port: int, natt: bool) -> None:
         family = socket.AF_INET6 if ":" in addr else socket.AF_INET
@@ -298,6 +300,8 @@ class IkeService:
             sock.close()
             raise
         self._socks.append(sock)
+        if addr in ("0.0.0.0", "::"):
+            self._wildcard.add(sock)
         (self._natt_socks if natt else self._ike_socks).setdefault(family, sock)
         assert self._loop is not None
         self._loop.add_reader(sock.fileno(), self._readable, sock, natt)
@@ -469,7 +473,7 @@ class IkeService:
             log.warning("ike: no socket for %s", addr[0])
             return
         anc = []
-        if sock.getsockname()[0] in ("0.0.0.0", "::") and source:
+        if source and sock in self._wildcard:
             try:
                 packed = ipaddress.ip_address(source).packed
                 if family == socket.AF_INET:
