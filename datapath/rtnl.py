@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import os
 import select
 import socket
@@ -27,6 +28,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
+
+log = logging.getLogger(__name__)
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -52,6 +55,7 @@ DEL_FLAGS = NLM_F_REQUEST | NLM_F_ACK
 RCVBUF = 8 << 20  # bytes asked for; forced past net.core.rmem_max when we may
 ANSWER_COST = 1024  # receive buffer bytes one queued answer takes (skb overhead included)
 MAX_IN_FLIGHT = 4096
+MAX_READS = 2 * MAX_IN_FLIGHT  # per read(): the loop calls again while more is queued
 DEFAULT_TIMEOUT = 10.0
 
 _HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
@@ -211,13 +215,15 @@ class RouteClient:
         self._pending.discard(seq)
 
     def read(self) -> list[Answer]:
-        """Every answer ready now, without blocking."""
+        """The answers ready now, without blocking (at most MAX_READS messages a call)."""
         out: list[Answer] = []
         sock, buf, view, stats = self._sock, self._buf, self._view, self.stats
-        while True:
+        for _ in range(MAX_READS):
             try:
                 n = sock.recv_into(buf)
-            except BlockingIOError:
+            except BlockingIOError:  # all read: what an overrun dropped is known now
+                if self._lost_upto:
+                    self._report_lost(out)
                 break
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
@@ -226,8 +232,6 @@ class RouteClient:
                 self._lost_upto = self._seq
                 continue
             self._parse(view, n, out)
-        if self._lost_upto:
-            self._report_lost(out)
         return out
 
     def _report_lost(self, out: list[Answer]) -> None:
@@ -378,7 +382,12 @@ class KernelRoutes:
             self._dispatch(answers)
 
     def on_readable(self) -> None:
-        self._dispatch(self.client.read())
+        try:
+            answers = self.client.read()
+        except OSError as exc:  # not ENOBUFS (handled): say so, keep the loop running
+            log.warning("datapath: route answers: %s", exc)
+            return
+        self._dispatch(answers)
 
     def _dispatch(self, answers: list[Answer]) -> None:
         for answer in answers:
