@@ -42,6 +42,9 @@ def test_up_status_down_through_the_control_socket(tmp_path: Path) -> None:
             assert {child["spi_in"], child["spi_out"]} == kernel_spis
             assert child["local_ts"] == "10.1.0.0/16" and child["counters"]["packets_in"] == 0
             assert not any(sa.enc_key.hex() in res.output for sa in left.sas())
+            counts = {k: v for k, v in left.service.stats().items()
+                      if k in ("ike_sas", "ike_sas_established", "child_sas")}
+            assert counts == {"ike_sas": 1, "ike_sas_established": 1, "child_sas": 1}
             res = await asyncio.to_thread(runner.invoke, status, [], obj=obj)
             assert f"{child['spi_in']}_i" in res.output and "10.1.0.0/16 === 10.2.0.0/16" \
                 in res.output
@@ -50,6 +53,7 @@ def test_up_status_down_through_the_control_socket(tmp_path: Path) -> None:
             res = await asyncio.to_thread(runner.invoke, down, ["site"], obj=obj)
             assert res.exit_code == 0 and "1 IKE SA(s) deleted" in res.output
             await until(lambda: not left.sas() and not right.sas() and not right.policies())
+            assert left.service.stats()["child_sas"] == 0
         finally:
             await server.close()
             await stop_gateway(left)
