@@ -1,7 +1,8 @@
 """The datapath engine: TUN and outer sockets wired to Outbound/Inbound in an asyncio loop.
 
 ``Datapath(kernel, config, deliver)`` owns the TUN device, the UDP 4500 and raw ESP sockets,
-the routes into the TUN and the fwmark rule (datapath.netconf). Each fd has a reader callback
+the fwmark rule (datapath.netconf) and the routes into the TUN (datapath.rtnl: sent without
+waiting, their answers read by a loop reader like the packets). Each fd has a reader callback
 that drains ready packets in batches into preallocated buffers; there is no asyncio work per
 packet. Kernel-originated messages (ACQUIRE, EXPIRE) go to ``deliver`` (the daemon's
 ``PfkeyServer.dispatch(None, ...)``).

@@ -397,8 +397,7 @@ class KernelRoutes:
             dst, oif, add, done = entry
             if answer.error == errno.ENODEV:  # the device went: look its index up again
                 self._indexes = {k: v for k, v in self._indexes.items() if v != oif}
-            gone = not add and answer.error in _GONE
-            if gone or (not add and not answer.error):
+            if not add and (not answer.error or answer.error in _GONE):
                 if self.present.get(dst) == oif:
                     del self.present[dst]
                 done(None)
