@@ -287,9 +287,29 @@ class Keying:
                 f"policy for {selectors[0].local}<->{selectors[0].remote}: {reason}")
         return ids
 
+    async def update_policies(self, selectors: list[PolicySelector], local: IPAddress,
+                              remote: IPAddress, mode: IpsecMode, reqid: int) -> list[int]:
+        """Point the out, in and fwd policies of these selectors at new tunnel endpoints with
+        X_SPDUPDATE (same selector and direction: the kernel keeps their ids); pipelined.
+        Returns the ids; KeyingError names the first refusal (the others are done)."""
+        msgs = [self._spdadd_message(sel, direction, local, remote, mode, reqid,
+                                     MsgType.X_SPDUPDATE)
+                for sel in selectors
+                for direction in (PolicyDir.OUTBOUND, PolicyDir.INBOUND, PolicyDir.FWD)]
+        replies = await self.pfkey.requests(msgs)
+        failed = next((r for r in replies if not isinstance(r, Message) or r.policy is None),
+                      None)
+        if failed is not None:
+            reason = failed if isinstance(failed, PfkeyReplyError) else \
+                "X_SPDUPDATE reply without a policy"
+            raise KeyingError(f"policy for {selectors[0].local}<->{selectors[0].remote} "
+                              f"not moved to {local}<->{remote}: {reason}")
+        return [r.policy.id for r in replies if isinstance(r, Message) and r.policy is not None]
+
     @staticmethod
     def _spdadd_message(sel: PolicySelector, direction: PolicyDir, local: IPAddress,
-                        remote: IPAddress, mode: IpsecMode, reqid: int) -> Message:
+                        remote: IPAddress, mode: IpsecMode, reqid: int,
+                        msg_type: MsgType = MsgType.X_SPDADD) -> Message:
         out = direction == PolicyDir.OUTBOUND
         src_net, dst_net = (sel.local, sel.remote) if out else (sel.remote, sel.local)
         sport, dport = (sel.local_port, sel.remote_port) if out else \
@@ -298,7 +318,7 @@ class Keying:
         req = IpsecRequest(IPPROTO_ESP, mode, IpsecLevel.UNIQUE, reqid,
                            (local if out else remote) if tunnel else None,
                            (remote if out else local) if tunnel else None)
-        return Message(MsgType.X_SPDADD, SaType.UNSPEC, ext={
+        return Message(msg_type, SaType.UNSPEC, ext={
             ExtType.ADDRESS_SRC: AddressExt(src_net.network_address, src_net.prefixlen,
                                             sel.proto, sport),
             ExtType.ADDRESS_DST: AddressExt(dst_net.network_address, dst_net.prefixlen,

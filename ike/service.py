@@ -20,7 +20,7 @@ import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ike.config import IkeConfig
@@ -57,7 +57,7 @@ from ike.sa import IkeSa
 from ike.transforms import TransformSet
 from userspace_ipsec.config import Config
 from userspace_ipsec.pfkey.constants import ExtType, IpsecMode, MsgType
-from userspace_ipsec.pfkey.messages import LifetimeExt, Message
+from userspace_ipsec.pfkey.messages import IPAddress, LifetimeExt, Message
 
 log = logging.getLogger("ike")
 
@@ -368,21 +368,123 @@ class IkeService:
         self._pump(sa, rec)
 
     def _peer_moved(self, rec: IkeRecord, sa: IkeSa, src: Address) -> None:
-        """A verified message from a new address: the NAT mapping changed (RFC 7296 2.23)."""
+        """A verified message from a new address: the NAT mapping changed (RFC 7296 2.23).
+        The Child SAs follow; on a new address (not only a new port) their policies too."""
         old = sa.remote_addr
         sa.remote_addr = src
         log.info("ike: %s peer moved from %s:%d to %s:%d", rec.name, old[0], old[1], *src)
         for child in rec.children.values():
             if child.params.remote_port != src[1] or str(child.params.remote) != src[0]:
                 self._enqueue(rec, functools.partial(self._migrate, rec, child, src))
+        for key in {c.policy_key for c in rec.children.values() if c.policy_key[6] != src[0]}:
+            # Users now, not when the job runs: a Child SA deleted meanwhile (the old pair of a
+            # rekey) still gives its reference back, and must find the set by its new key.
+            users = [c for r in self._records.values() for c in r.children.values()
+                     if c.policy_key == key]
+            self._enqueue(rec, functools.partial(
+                self._move_policies, rec, key, users, ipaddress.ip_address(src[0])))
 
     async def _migrate(self, rec: IkeRecord, child: ChildRecord, src: Address) -> None:
         """Re-add the pair with the peer's new address/port (PF_KEY cannot change a mature SA)."""
-        ok = await self.keying.move_peer(child.inbound_spi, child.outbound_spi, child.params,
-                                         ipaddress.ip_address(src[0]), src[1])
+        if rec.children.get(child.inbound_spi) is not child:
+            return  # deleted while this waited: its uninstall follows in this lane
+        p = child.params
+        try:
+            ok = await self.keying.move_peer(child.inbound_spi, child.outbound_spi, p,
+                                             ipaddress.ip_address(src[0]), src[1])
+        except KeyingError as exc:
+            log.error("ike: %s %s: SAs %s/%s not moved to %s:%d: %s", rec.name,
+                      child.child.name, _spi(child.inbound_spi), _spi(child.outbound_spi),
+                      *src, exc)
+            return
+        if not ok and any(ev.inbound_spi == child.inbound_spi
+                          for ev, _ in self._deferred_out.values()):
+            # Responder of a rekey: the inbound SA moved, the outbound one is added only when
+            # the old pair goes, with these (shared) parameters: it must go to the new address.
+            p.remote, p.remote_port = ipaddress.ip_address(src[0]), src[1]
+            ok = True
         if ok:
             log.info("ike: %s %s: SAs %s/%s follow the peer to %s:%d", rec.name,
                      child.child.name, _spi(child.inbound_spi), _spi(child.outbound_spi), *src)
+
+    async def _move_policies(self, rec: IkeRecord, old_key: tuple[Any, ...],
+                             users: list[ChildRecord], remote: IPAddress) -> None:
+        """The policy set `old_key` follows the peer to `remote`, as strongSwan's
+        child_sa update does: tunnel mode points the templates at the new endpoint
+        (X_SPDUPDATE keeps the policy ids); transport mode has no endpoints, but a selector
+        that was the peer's old address (a "dynamic" one) becomes the new address. The set
+        moves to its new key with its references; its users and traps follow it."""
+        mode: IpsecMode = old_key[2]
+        local_ts: tuple[TrafficSelector, ...] = old_key[3]
+        old_ts: tuple[TrafficSelector, ...] = old_key[4]
+        old_remote = ipaddress.ip_address(old_key[6])
+        remote_ts = old_ts
+        if mode is IpsecMode.TRANSPORT:
+            remote_ts = tuple(_follow_host(ts, old_remote, remote) for ts in old_ts)
+        new_key = (*old_key[:4], remote_ts, old_key[5], str(remote))
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted((old_key, new_key), key=repr):  # one order: no deadlock
+                await stack.enter_async_context(self._policy_locks.hold(key))
+            policy_set = self._policies.get(old_key)
+            if policy_set is None:
+                return  # its users are all gone (the IKE SA ended meanwhile)
+            local = ipaddress.ip_address(old_key[5])
+            try:
+                if mode is IpsecMode.TUNNEL:
+                    ids = await self.keying.update_policies(
+                        policy_selectors(list(local_ts), list(old_ts)), local, remote, mode,
+                        policy_set.reqid)
+                elif remote_ts != old_ts:  # new selectors: add them, then drop the old ones
+                    ids = await self.keying.add_policies(
+                        policy_selectors(list(local_ts), list(remote_ts)), local, remote, mode,
+                        policy_set.reqid)
+                    await self.keying.delete_policies(policy_set.ids)
+                else:
+                    ids = policy_set.ids
+                    if not any(_ts_covers(ts, remote) for ts in remote_ts):
+                        log.warning("ike: %s transport-mode policies (%s === %s) do not cover "
+                                    "the peer's new address %s: its traffic there is not "
+                                    "protected, and what goes to %s finds no SA", rec.name,
+                                    ts_text(list(local_ts)), ts_text(list(old_ts)), remote,
+                                    old_remote)
+            except (KeyingError, ValueError) as exc:
+                log.error("ike: %s policies %s === %s still name the peer's old address %s, "
+                          "its traffic finds no SA: %s", rec.name, ts_text(list(local_ts)),
+                          ts_text(list(old_ts)), old_remote, exc)
+                return
+            policy_set.ids = ids
+            del self._policies[old_key]
+            merged = self._policies.get(new_key)
+            if merged is not None:  # cannot share SPD entries; keep the bookkeeping whole
+                log.warning("ike: %s policies for %s were already installed", rec.name, remote)
+                merged.refs += policy_set.refs
+                merged.trap = merged.trap or policy_set.trap
+            else:
+                self._policies[new_key] = policy_set
+            self._rename_policy_users(rec, old_key, new_key, users)
+        log.info("ike: %s policies %s === %s (%d) follow the peer from %s to %s", rec.name,
+                 ts_text(list(local_ts)), ts_text(list(remote_ts)), len(ids), old_remote,
+                 remote)
+
+    def _rename_policy_users(self, rec: IkeRecord, old_key: tuple[Any, ...],
+                             new_key: tuple[Any, ...], users: list[ChildRecord]) -> None:
+        remote_ts: tuple[TrafficSelector, ...] = new_key[4]
+        ours = {id(c) for c in rec.children.values()}
+        for child in users:
+            if child.policy_key != old_key:
+                continue
+            child.policy_key = new_key
+            if remote_ts != old_key[4]:  # transport mode: a rekey proposes the new address
+                child.remote_ts = list(remote_ts)
+                for core in rec.sa.child_sas:
+                    if core.inbound_spi == child.inbound_spi:
+                        core.remote_ts = list(remote_ts)
+            if id(child) not in ours:
+                log.warning("ike: %s Child SA %s of another IKE SA shares the moved policies",
+                            rec.name, _spi(child.inbound_spi))
+        for trap, key in self._traps.items():
+            if key == old_key:
+                self._traps[trap] = new_key
 
     def _new_responder(self, spi_i: bytes, src: Address,
                        local: Address) -> tuple[IkeSa, IkeRecord] | None:
@@ -1098,3 +1200,15 @@ def _pktinfo_dst(anc: list[tuple[int, int, bytes]]) -> str | None:
             addr6, _ = _IN6_PKTINFO.unpack_from(data)
             return str(ipaddress.IPv6Address(addr6))
     return None
+
+
+def _follow_host(ts: TrafficSelector, old: IPAddress, new: IPAddress) -> TrafficSelector:
+    """`ts` with the peer's new address if it was exactly the old one (a dynamic selector)."""
+    if ts.start_addr == ts.end_addr == old and new.version == old.version:
+        return replace(ts, start_addr=new, end_addr=new)
+    return ts
+
+
+def _ts_covers(ts: TrafficSelector, addr: IPAddress) -> bool:
+    return ts.start_addr.version == addr.version and \
+        int(ts.start_addr) <= int(addr) <= int(ts.end_addr)
