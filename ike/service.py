@@ -402,10 +402,24 @@ class IkeService:
             # Responder of a rekey: the inbound SA moved, the outbound one is added only when
             # the old pair goes, with these (shared) parameters: it must go to the new address.
             p.remote, p.remote_port = ipaddress.ip_address(src[0]), src[1]
-            ok = True
-        if ok:
-            log.info("ike: %s %s: SAs %s/%s follow the peer to %s:%d", rec.name,
-                     child.child.name, _spi(child.inbound_spi), _spi(child.outbound_spi), *src)
+            log.info("ike: %s %s: SA %s follows the peer to %s:%d", rec.name,
+                     child.child.name, _spi(child.inbound_spi), *src)
+            return  # the pair it replaces goes soon; its own outbound SA starts afresh
+        if not ok:
+            return  # an SA was gone: the Child SA is going away
+        log.info("ike: %s %s: SAs %s/%s follow the peer to %s:%d, rekeying", rec.name,
+                 child.child.name, _spi(child.inbound_spi), _spi(child.outbound_spi), *src)
+        # PF_KEY cannot change a mature SA: the re-added outbound SA starts its sequence numbers
+        # over, and the peer's replay window drops what it sends until it passes the old ones.
+        # strongSwan's kernel-pfkey refuses such updates and strongSwan then rekeys the Child
+        # SA; so do we (a rekey already under way, or a pair being replaced, is left alone).
+        try:
+            rec.sa.rekey_child(child.inbound_spi, self._now())
+        except (ValueError, RuntimeError) as exc:
+            log.warning("ike: %s %s: no rekey after the move: %s", rec.name, child.child.name,
+                        exc)
+            return
+        self._pump(rec.sa, rec)
 
     async def _move_policies(self, rec: IkeRecord, old_key: tuple[Any, ...],
                              users: list[ChildRecord], remote: IPAddress) -> None:
