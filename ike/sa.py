@@ -69,11 +69,13 @@ from ike.selectors import narrow
 from ike.transforms import TransformSet
 
 __all__ = [
-    "Address", "ChildSa", "ChildSaEstablished", "ChildState", "IkeConfig", "IkeSa",
+    "Address", "ChildSa", "ChildSaEstablished", "ChildState", "IkeConfig", "IkeSa", "PeerConfig",
     "IkeSaEstablished", "IkeSaFailed", "State",
 ]
 
 _MAX_INIT_RETRIES = 3  # INVALID_KE_PAYLOAD / COOKIE restarts before giving up
+# (IDi, IDr or None) -> the responder's configuration for that peer, or None: no such peer.
+PeerConfig = Callable[[tuple[int, bytes], tuple[int, bytes] | None], IkeConfig | None]
 _PROTECTED = (State.ESTABLISHED, State.REKEYED, State.DELETING)
 
 
@@ -91,14 +93,22 @@ class IkeSa(ChildExchanges):
     def __init__(self, config: IkeConfig, *, initiator: bool, local_addr: Address,
                  remote_addr: Address, child_spi: bytes,
                  random: Callable[[int], bytes] = os.urandom,
-                 spi_allocator: Callable[[], bytes | None] | None = None) -> None:
+                 spi_allocator: Callable[[], bytes | None] | None = None,
+                 peer_config: PeerConfig | None = None) -> None:
         """`child_spi` is our inbound ESP SPI for the first Child SA; `spi_allocator` gives
         the inbound SPIs of later ones (default: random; e.g. plug in a GETSPI pool, and return
-        None when it is empty: requests then fail with TEMPORARY_FAILURE / ChildSaFailed)."""
+        None when it is empty: requests then fail with TEMPORARY_FAILURE / ChildSaFailed).
+
+        `peer_config` (responder): called in IKE_AUTH, before the peer's AUTH is checked, with
+        the peer's identity (IDi) and the one it wants us to have (IDr, or None); it returns
+        the configuration for that peer (its PSK, our identity, selectors, ESP proposals), as
+        strongSwan picks its peer config by identity, or None to refuse the peer. Without it,
+        `config` (chosen by address for IKE_SA_INIT) stays."""
         if len(child_spi) != 4:
             raise ValueError("child_spi must be the 4-byte inbound ESP SPI")
         self._init_core(config, initiator, local_addr, remote_addr, random, spi_allocator)
         self._first_child_spi = child_spi
+        self._peer_config = peer_config
         if initiator:
             self.spi_i = random(8)
 
@@ -450,6 +460,15 @@ class IkeSa(ChildExchanges):
         try:
             if not isinstance(idi, IdiPayload):
                 raise Fail("IKE_AUTH request without IDi", NotifyType.INVALID_SYNTAX)
+            if self._peer_config is not None:
+                idr = req.find(IdrPayload)
+                config = self._peer_config(
+                    (idi.kind, idi.data), (idr.kind, idr.data) if isinstance(idr, IdPayload)
+                    else None)
+                if config is None:
+                    raise Fail("no connection for the peer's identity",
+                               NotifyType.AUTHENTICATION_FAILED)
+                self.config = config
             self._verify_peer_auth(idi, auth)
         except Fail as fail:
             self._fail(str(fail), fail.notify)

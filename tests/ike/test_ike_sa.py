@@ -1,5 +1,6 @@
 import struct
 
+from ike.config import IkeConfig
 from ike.constants import DhId, EncrId, ExchangeType, IdType, NotifyType
 from ike.events import ChildSaFailed, InitialContact
 from ike.message import Message, decode_message, encode_message
@@ -210,3 +211,38 @@ def test_responder_answers_missing_payloads_with_invalid_syntax() -> None:
     assert decode_message(out[0][0]).notify(NotifyType.INVALID_SYNTAX) is not None
     assert r.state is State.FAILED
     assert not any(isinstance(p, SaPayload) for p in decode_message(out[0][0]).payloads)
+
+
+def test_responder_picks_the_peer_config_by_identity_before_checking_auth() -> None:
+    """Two peers with their own PSKs behind one address-matched connection: the responder's
+    hook chooses by IDi (and IDr when sent), and an unknown identity is refused."""
+    peers = {
+        (IdType.FQDN, b"alice"): config("r", psk=b"alice's secret",
+                                        remote_id=(IdType.FQDN, b"alice")),
+        (IdType.FQDN, b"bob"): config("r", psk=b"bob's secret", local_id=(IdType.FQDN, b"gw2"),
+                                      remote_id=(IdType.FQDN, b"bob")),
+    }
+    asked: list[tuple[object, object]] = []
+
+    def choose(idi: tuple[int, bytes], idr: tuple[int, bytes] | None) -> IkeConfig | None:
+        asked.append((idi, idr))
+        return peers.get(idi)
+
+    for name, psk, peer_id in ((b"alice", b"alice's secret", b"gw"),
+                               (b"bob", b"bob's secret", b"gw2"),
+                               (b"carol", b"carol's secret", b"gw")):
+        i = IkeSa(config("i", local_id=(IdType.FQDN, name), psk=psk), initiator=True,
+                  local_addr=I_ADDR, remote_addr=R_ADDR, child_spi=b"\xc0\x00\x00\x01")
+        r = IkeSa(config("r", psk=b"the address-matched default"), initiator=False,
+                  local_addr=R_ADDR, remote_addr=I_ADDR, child_spi=b"\xc0\x00\x00\x02",
+                  peer_config=choose)
+        i.initiate(0.0)
+        pump(i, r)
+        if name == b"carol":
+            assert r.state is State.FAILED and i.state is State.FAILED
+            assert events(r)[-1].notify == NotifyType.AUTHENTICATION_FAILED
+            continue
+        assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED, name
+        ie = [e for e in events(i) if isinstance(e, IkeSaEstablished)]
+        assert ie[0].remote_id == (IdType.FQDN, peer_id)  # the chosen config's identity
+    assert [a[0] for a in asked] == [(IdType.FQDN, n) for n in (b"alice", b"bob", b"carol")]
