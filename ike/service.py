@@ -379,7 +379,7 @@ class IkeService:
         for key in {c.policy_key for c in rec.children.values() if c.policy_key[6] != src[0]}:
             # Users now, not when the job runs: a Child SA deleted meanwhile (the old pair of a
             # rekey) still gives its reference back, and must find the set by its new key.
-            users = [c for r in self._records.values() for c in r.children.values()
+            users = [(r, c) for r in self._records.values() for c in r.children.values()
                      if c.policy_key == key]
             self._enqueue(rec, functools.partial(
                 self._move_policies, rec, key, users, ipaddress.ip_address(src[0])))
@@ -422,7 +422,8 @@ class IkeService:
         self._pump(rec.sa, rec)
 
     async def _move_policies(self, rec: IkeRecord, old_key: tuple[Any, ...],
-                             users: list[ChildRecord], remote: IPAddress) -> None:
+                             users: list[tuple[IkeRecord, ChildRecord]],
+                             remote: IPAddress) -> None:
         """The policy set `old_key` follows the peer to `remote`, as strongSwan's
         child_sa update does: tunnel mode points the templates at the new endpoint
         (X_SPDUPDATE keeps the policy ids); transport mode has no endpoints, but a selector
@@ -481,21 +482,21 @@ class IkeService:
                  remote)
 
     def _rename_policy_users(self, rec: IkeRecord, old_key: tuple[Any, ...],
-                             new_key: tuple[Any, ...], users: list[ChildRecord]) -> None:
+                             new_key: tuple[Any, ...],
+                             users: list[tuple[IkeRecord, ChildRecord]]) -> None:
         remote_ts: tuple[TrafficSelector, ...] = new_key[4]
-        ours = {id(c) for c in rec.children.values()}
-        for child in users:
+        for owner, child in users:
             if child.policy_key != old_key:
                 continue
             child.policy_key = new_key
             if remote_ts != old_key[4]:  # transport mode: a rekey proposes the new address
                 child.remote_ts = list(remote_ts)
-                for core in rec.sa.child_sas:
+                for core in owner.sa.child_sas:
                     if core.inbound_spi == child.inbound_spi:
                         core.remote_ts = list(remote_ts)
-            if id(child) not in ours:
-                log.warning("ike: %s Child SA %s of another IKE SA shares the moved policies",
-                            rec.name, _spi(child.inbound_spi))
+            if owner is not rec:  # the SPD holds one policy per selector: it moves for both
+                log.warning("ike: %s Child SA %s of %s shares the policies that moved",
+                            rec.name, _spi(child.inbound_spi), owner.name)
         for trap, key in self._traps.items():
             if key == old_key:
                 self._traps[trap] = new_key
