@@ -3,8 +3,8 @@
 REGISTER for ESP (to hear ACQUIRE and EXPIRE), GETSPI for inbound SPIs, UPDATE/ADD of both SAs
 of a Child SA with keys, algorithms, reqid, mode, NAT-T ports, replay window, ESN (private
 extension) and soft/hard lifetimes, X_SPDADD of the in/out/fwd policies with `unique` reqid
-templates, and the DELETE / X_SPDDELETE2 that take all of it away again. Keys go into PF_KEY
-messages only; nothing here logs them.
+templates (X_SPDUPDATE points them at a peer's new address), and the DELETE / X_SPDDELETE2
+that take all of it away again. Keys go into PF_KEY messages only; nothing here logs them.
 """
 
 from __future__ import annotations
