@@ -28,6 +28,7 @@ from ike.connections import (
     ChildConfig,
     ConnectionConfig,
     Connections,
+    Identity,
     address_identity,
     format_identity,
     from_config,
@@ -505,23 +506,33 @@ class IkeService:
                        local: Address) -> tuple[IkeSa, IkeRecord] | None:
         if len(self._half_open) >= MAX_HALF_OPEN or len(self._records) >= MAX_IKE_SAS:
             return None
-        conn = self._match_connection(local[0], src[0])
-        if conn is None:
+        candidates = [c for c in self.connections.connections.values()
+                      if c.matches_local(local[0]) and c.matches_remote(src[0])]
+        if not candidates:
             log.info("ike: IKE_SA_INIT from %s:%d to %s: no connection matches", *src, local[0])
             return None
+        # IKE_SA_INIT goes by address (the first match's proposals); IKE_AUTH then picks the
+        # connection by the identities, among those that match the addresses.
+        conn = candidates[0]
         config = self._ike_config(conn, list(conn.children.values()), local[0], src[0],
                                   responder=True)
+
+        def peer_config(idi: Identity, idr: Identity | None) -> IkeConfig | None:
+            chosen = _by_identity(candidates, idi, idr)
+            if chosen is None:
+                log.info("ike: %s: no connection for peer identity %s", rec.name,
+                         format_identity(idi))
+                return None
+            if chosen is not rec.conn:
+                self._regroup(rec, chosen)
+            return self._ike_config(chosen, list(chosen.children.values()), local[0], src[0],
+                                    responder=True)
+
         sa = IkeSa(config, initiator=False, local_addr=local, remote_addr=src,
-                   child_spi=_random_spi(), spi_allocator=_random_spi)
+                   child_spi=_random_spi(), spi_allocator=_random_spi, peer_config=peer_config)
         rec = self._new_record(conn, sa, local[0])
         self._half_open[(spi_i, src)] = (sa, rec)
         return sa, rec
-
-    def _match_connection(self, local: str, remote: str) -> ConnectionConfig | None:
-        for conn in self.connections.connections.values():
-            if conn.matches_local(local) and conn.matches_remote(remote):
-                return conn
-        return None
 
     # -- sending and timers ------------------------------------------------------------------
 
@@ -670,6 +681,16 @@ class IkeService:
         self._records[rec.uid] = rec
         self._by_conn.setdefault(conn.name, {})[rec.uid] = rec
         return rec
+
+    def _regroup(self, rec: IkeRecord, conn: ConnectionConfig) -> None:
+        """The responder's record belongs to another connection (chosen by identity)."""
+        same = self._by_conn.get(rec.conn.name)
+        if same is not None:
+            same.pop(rec.uid, None)
+            if not same:
+                del self._by_conn[rec.conn.name]
+        rec.conn = conn
+        self._by_conn.setdefault(conn.name, {})[rec.uid] = rec
 
     def _records_of(self, name: str) -> list[IkeRecord]:
         return list(self._by_conn.get(name, {}).values())
@@ -1187,6 +1208,22 @@ class IkeService:
     @property
     def policy_sets(self) -> dict[tuple[Any, ...], PolicySet]:
         return self._policies
+
+
+def _by_identity(conns: list[ConnectionConfig], idi: Identity,
+                 idr: Identity | None) -> ConnectionConfig | None:
+    """The connection for a peer showing identity ``idi`` (and asking for ``idr``, if it did):
+    one that names the peer beats one that takes any identity, and one whose identity is the
+    ``idr`` asked for beats one that is not; between equals, the first configured."""
+    best, best_score = None, -1
+    for conn in conns:
+        if conn.remote_id is not None and conn.remote_id != idi:
+            continue
+        score = (2 if conn.remote_id is not None else 0) + \
+            (1 if idr is not None and conn.local_id == idr else 0)
+        if score > best_score:
+            best, best_score = conn, score
+    return best
 
 
 def _random_spi() -> bytes:
