@@ -133,7 +133,7 @@ class RouteSync:
     route's source."""
 
     __slots__ = ("installer", "ifname", "installed", "errors", "_index", "_sources", "_wanted",
-                 "_cursor", "_retry", "_in_flight")
+                 "_cursor", "_retry", "_in_flight", "_warned")
 
     def __init__(self, installer: RouteInstaller, ifname: str) -> None:
         self.installer = installer
@@ -146,6 +146,7 @@ class RouteSync:
         self._cursor = -1
         self._retry: set[str] = set()
         self._in_flight: dict[str, tuple[bool, str | None]] = {}  # dst -> (add?, source)
+        self._warned: set[str] = set()  # failing destinations already logged at warning
 
     @property
     def in_flight(self) -> int:
@@ -219,10 +220,13 @@ class RouteSync:
         add, src = asked
         if error is not None:
             self.errors += 1
-            log.warning("datapath: cannot %s route %s: %s", "add" if add else "remove", dst,
-                        error)
+            # Retried from the timer: warn once per destination until it works, not each time.
+            warn = log.debug if dst in self._warned else log.warning
+            self._warned.add(dst)
+            warn("datapath: cannot %s route %s: %s", "add" if add else "remove", dst, error)
             self._retry.add(dst)
             return
+        self._warned.discard(dst)
         if add:
             self.installed[dst] = src
             log.debug("datapath: route %s dev %s src %s", dst, self.ifname, src or "-")

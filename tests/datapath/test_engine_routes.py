@@ -85,7 +85,8 @@ def test_one_route_per_outbound_ipsec_policy_with_a_sensible_source() -> None:
     assert preferred_source(policy, packed("10.1.0.1")) is None  # nothing of ours fits
 
 
-def test_route_sync_follows_spd_changes_and_retries_failures() -> None:
+def test_route_sync_follows_spd_changes_and_retries_failures(
+        caplog: pytest.LogCaptureFixture) -> None:
     side = make_side("127.0.0.1")
     side.setkey(SCRIPT)
     installer = RecordingInstaller(refuse="10.5.0.0/24")
@@ -93,6 +94,9 @@ def test_route_sync_follows_spd_changes_and_retries_failures() -> None:
     local = packed("10.1.0.1", "192.0.2.1")
     assert not sync.sync(side.kernel.spd, local)
     assert sync.errors == 1 and "10.5.0.0/24" not in installer.routes
+    assert not sync.sync(side.kernel.spd, local)  # retried, refused again: logged once
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert sync.errors == 2 and len(warnings) == 1 and "10.5.0.0/24" in warnings[0].message
     installer.refuse = ""
     assert sync.sync(side.kernel.spd, local)
     assert set(installer.routes) == {"10.4.0.0/24", "10.5.0.0/24", "192.0.2.3/32",
