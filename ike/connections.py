@@ -6,6 +6,13 @@ the line (found by `userspace_ipsec.config`'s locator) and the reason. Pre-share
 `[secrets.psk.NAME]` tables (in the configuration or in `secrets.file`), never in a repr, and a
 file that holds one must not be readable by group or others.
 
+As a responder the daemon answers IKE_SA_INIT with the first connection whose addresses match,
+then, in IKE_AUTH, takes among those the one for the peer's identity: a connection naming it
+(`remote_id`) beats one that takes any identity, one whose `local_id` is the IDr the peer asked
+for beats one that is not, and the first configured wins a tie; an identity no connection
+accepts is refused (AUTHENTICATION_FAILED). Several peers can thus share `%any` with their own
+PSKs and subnets, as with strongSwan.
+
     [connections.site]
     local_addrs = ["192.0.2.1"]
     remote_addrs = ["198.51.100.7"]
