@@ -95,7 +95,8 @@ class IkeSa(ChildExchanges):
                  random: Callable[[int], bytes] = os.urandom,
                  spi_allocator: Callable[[], bytes | None] | None = None,
                  peer_config: PeerConfig | None = None) -> None:
-        """`child_spi` is our inbound ESP SPI for the first Child SA; `spi_allocator` gives
+        """`child_spi` is our inbound ESP SPI for the first Child SA (a responder may pass
+        b"": it then takes one from the allocator when IKE_AUTH comes); `spi_allocator` gives
         the inbound SPIs of later ones (default: random; e.g. plug in a GETSPI pool, and return
         None when it is empty: requests then fail with TEMPORARY_FAILURE / ChildSaFailed).
 
@@ -104,7 +105,7 @@ class IkeSa(ChildExchanges):
         the configuration for that peer (its PSK, our identity, selectors, ESP proposals), as
         strongSwan picks its peer config by identity, or None to refuse the peer. Without it,
         `config` (chosen by address for IKE_SA_INIT) stays."""
-        if len(child_spi) != 4:
+        if len(child_spi) != 4 and (initiator or child_spi):
             raise ValueError("child_spi must be the 4-byte inbound ESP SPI")
         self._init_core(config, initiator, local_addr, remote_addr, random, spi_allocator)
         self._first_child_spi = child_spi
@@ -484,6 +485,13 @@ class IkeSa(ChildExchanges):
             code = fail.notify or NotifyType.INVALID_SYNTAX
             self._emit(ChildSaFailed(f"Child SA not created: {fail}", code))
             return [*reply, NotifyPayload(code)]
+        if not self._first_child_spi:
+            spi = self._new_spi()
+            if spi is None:
+                self._emit(ChildSaFailed("Child SA not created: no inbound SPI",
+                                         NotifyType.TEMPORARY_FAILURE))
+                return [*reply, NotifyPayload(NotifyType.TEMPORARY_FAILURE)]
+            self._first_child_spi = spi
         if transport:
             reply.append(NotifyPayload(NotifyType.USE_TRANSPORT_MODE))
         reply += [SaPayload([chosen.proposal(self._first_child_spi)]), TsiPayload(list(ts_i)),

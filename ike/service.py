@@ -60,6 +60,10 @@ from userspace_ipsec.config import Config
 from userspace_ipsec.pfkey.constants import ExtType, IpsecMode, MsgType
 from userspace_ipsec.pfkey.messages import IPAddress, LifetimeExt, Message
 
+# A GETSPI'd SPI is used within this many seconds or not at all: the kernel drops a larval SA
+# after its larval timeout (30 s by default, as Linux and KAME), and may then give the SPI away.
+SPARE_MAX_AGE = 20.0
+
 log = logging.getLogger("ike")
 
 Address = tuple[str, int]
@@ -162,6 +166,9 @@ class IkeRecord:
     dpd_at: float | None = None
     children: dict[bytes, ChildRecord] = field(default_factory=dict)  # by inbound SPI
     larval: set[bytes] = field(default_factory=set)  # inbound SPIs from GETSPI
+    spares: dict[bytes, float] = field(default_factory=dict)  # GETSPI'd, unused: SPI -> when
+    deferred: int = 0  # datagrams waiting in the lane for a spare SPI (order is kept)
+    rekeys_due: set[bytes] = field(default_factory=set)  # Child SAs whose rekey waits for one
     pending: list[ChildConfig] = field(default_factory=list)  # create once established
     liveness_failed: bool = False
     transforms: TransformSet | None = None  # of the IKE SA, once established
@@ -351,6 +358,36 @@ class IkeService:
             self.counters["dropped"] += 1
             return
         sa, rec = entry
+        if rec.deferred or (not flags & HeaderFlag.RESPONSE and sa.state is not State.IDLE and (
+                exchange == ExchangeType.CREATE_CHILD_SA or
+                (exchange == ExchangeType.IKE_AUTH and not sa.initiator))
+                and not self._has_spare(rec)):
+            # A request that may create a Child SA: its inbound SPI comes from GETSPI, which
+            # is a PF_KEY round trip, so the datagram waits for it in the IKE SA's lane (and
+            # so does what comes after it, to keep the order).
+            rec.deferred += 1
+            self._enqueue(rec, functools.partial(self._receive_later, sa, rec, data, src,
+                                                 spi_i, natt))
+            return
+        self._process(sa, rec, data, src, spi_i, natt)
+
+    async def _receive_later(self, sa: IkeSa, rec: IkeRecord, data: bytes, src: Address,
+                             spi_i: bytes, natt: bool) -> None:
+        try:
+            fetched = await self._fill_spare(rec)
+        finally:
+            rec.deferred -= 1
+        if rec.uid in self._records:
+            self._process(sa, rec, data, src, spi_i, natt)
+        if fetched is not None and rec.spares.pop(fetched, None) is not None:
+            # Not needed after all (an IKE SA rekey, a refused request): no larval SA left.
+            rec.larval.discard(fetched)
+            await self._safely(self.keying.delete_sa(
+                ipaddress.ip_address(sa.remote_addr[0]), ipaddress.ip_address(rec.local_ip),
+                int.from_bytes(fetched, "big")))
+
+    def _process(self, sa: IkeSa, rec: IkeRecord, data: bytes, src: Address, spi_i: bytes,
+                 natt: bool) -> None:
         now = self._now()
         drops = sa.drops
         moved = src != sa.remote_addr and sa.state not in (State.IDLE,)
@@ -414,6 +451,10 @@ class IkeService:
         # over, and the peer's replay window drops what it sends until it passes the old ones.
         # strongSwan's kernel-pfkey refuses such updates and strongSwan then rekeys the Child
         # SA; so do we (a rekey already under way, or a pair being replaced, is left alone).
+        if not any(c.inbound_spi == child.inbound_spi and c.state is ChildState.INSTALLED
+                   for c in rec.sa.child_sas):
+            return  # being rekeyed or deleted already: nothing to do, no SPI to ask for
+        await self._fill_spare(rec)
         try:
             rec.sa.rekey_child(child.inbound_spi, self._now())
         except (ValueError, RuntimeError) as exc:
@@ -528,8 +569,8 @@ class IkeService:
             return self._ike_config(chosen, list(chosen.children.values()), local[0], src[0],
                                     responder=True)
 
-        sa = IkeSa(config, initiator=False, local_addr=local, remote_addr=src,
-                   child_spi=_random_spi(), spi_allocator=_random_spi, peer_config=peer_config)
+        sa = IkeSa(config, initiator=False, local_addr=local, remote_addr=src, child_spi=b"",
+                   spi_allocator=lambda: self._take_spare(rec), peer_config=peer_config)
         rec = self._new_record(conn, sa, local[0])
         self._half_open[(spi_i, src)] = (sa, rec)
         return sa, rec
@@ -695,7 +736,60 @@ class IkeService:
     def _records_of(self, name: str) -> list[IkeRecord]:
         return list(self._by_conn.get(name, {}).values())
 
+    # -- inbound SPIs: GETSPI ahead of the exchange that needs one ---------------------------
+
+    def _has_spare(self, rec: IkeRecord) -> bool:
+        now = self._now()
+        return any(now - t < SPARE_MAX_AGE for t in rec.spares.values())
+
+    def _take_spare(self, rec: IkeRecord) -> bytes:
+        """The core's SPI allocator: a GETSPI'd SPI fetched for this exchange, else (GETSPI
+        failed, or the exchange came unannounced) a random one that the install ADDs."""
+        now = self._now()
+        while rec.spares:
+            spi, got = next(iter(rec.spares.items()))
+            del rec.spares[spi]
+            if now - got < SPARE_MAX_AGE:
+                return spi
+            rec.larval.discard(spi)  # the kernel drops its larval SA soon
+        return _random_spi()
+
+    async def _fill_spare(self, rec: IkeRecord) -> bytes | None:
+        """One fresh larval SPI for the next Child SA of ``rec`` (PF_KEY GETSPI); returns
+        the SPI if it had to ask for one."""
+        if self._has_spare(rec):
+            return None
+        try:
+            spi = (await self.keying.getspi(ipaddress.ip_address(rec.local_ip),
+                                            ipaddress.ip_address(rec.sa.remote_addr[0]),
+                                            IpsecMode.ANY, 0)).to_bytes(4, "big")
+        except (KeyingError, OSError) as exc:
+            log.warning("ike: %s: GETSPI failed (%s): a random SPI will do", rec.name, exc)
+            return None
+        rec.spares[spi] = self._now()
+        rec.larval.add(spi)
+        return spi
+
+    def _with_spare(self, rec: IkeRecord, start: Callable[[], None]) -> None:
+        """Run ``start`` (which makes the core ask for a Child SA) once a spare SPI is there."""
+        async def job() -> None:
+            await self._fill_spare(rec)
+            if rec.uid in self._records:  # ``start`` copes with an SA no longer established
+                start()
+                self._pump(rec.sa, rec)
+        self._enqueue(rec, job)
+
     def _drop_record(self, rec: IkeRecord) -> None:
+        if rec.spares:  # unused larval SAs: the kernel would drop them only at their timeout
+            spares, rec.spares = list(rec.spares), {}
+            local, remote = ipaddress.ip_address(rec.local_ip), \
+                ipaddress.ip_address(rec.sa.remote_addr[0])
+
+            async def forget_spares() -> None:
+                for spi in spares:
+                    await self._safely(self.keying.delete_sa(remote, local,
+                                                             int.from_bytes(spi, "big")))
+            self._enqueue(rec, forget_spares)
         self._records.pop(rec.uid, None)
         same = self._by_conn.get(rec.conn.name)
         if same is not None:
@@ -788,13 +882,15 @@ class IkeService:
         rec.pending.clear()
 
     def _create_child(self, rec: IkeRecord, child: ChildConfig) -> None:
-        sa = rec.sa
-        try:
-            sa.create_child(self._now(), local_ts=child.selectors(True, rec.local_ip),
-                            remote_ts=child.selectors(False, sa.remote_addr[0]),
-                            transport_mode=child.mode == "transport")
-        except (RuntimeError, ValueError) as exc:
-            log.warning("ike: %s %s: cannot create: %s", rec.name, child.name, exc)
+        def start() -> None:
+            sa = rec.sa
+            try:
+                sa.create_child(self._now(), local_ts=child.selectors(True, rec.local_ip),
+                                remote_ts=child.selectors(False, sa.remote_addr[0]),
+                                transport_mode=child.mode == "transport")
+            except (RuntimeError, ValueError) as exc:
+                log.warning("ike: %s %s: cannot create: %s", rec.name, child.name, exc)
+        self._with_spare(rec, start)
 
     def _on_ike_rekeyed(self, sa: IkeSa, rec: IkeRecord, ev: IkeSaRekeyed) -> None:
         old_name = rec.name
@@ -986,7 +1082,6 @@ class IkeService:
             for child in rec.children.values():
                 if spi not in (child.inbound_spi, child.outbound_spi):
                     continue
-                now = self._now()
                 core_child = next((c for c in rec.sa.child_sas
                                    if c.inbound_spi == child.inbound_spi), None)
                 if hard:
@@ -994,12 +1089,21 @@ class IkeService:
                              rec.name, child.child.name, _spi(spi))
                     self._request_delete_child(rec, child.inbound_spi)
                 elif core_child is not None and core_child.state is ChildState.INSTALLED \
-                        and rec.sa.state is State.ESTABLISHED:
+                        and rec.sa.state is State.ESTABLISHED \
+                        and child.inbound_spi not in rec.rekeys_due:  # both SAs expire
                     log.info("ike: %s %s: SA %s soft expired: rekeying", rec.name,
                              child.child.name, _spi(spi))
-                    rec.sa.rekey_child(child.inbound_spi, now)
-                    self._pump(rec.sa, rec)
+                    rec.rekeys_due.add(child.inbound_spi)
+                    self._with_spare(rec, functools.partial(self._rekey_child, rec,
+                                                            child.inbound_spi))
                 return
+
+    def _rekey_child(self, rec: IkeRecord, inbound_spi: bytes) -> None:
+        rec.rekeys_due.discard(inbound_spi)
+        try:
+            rec.sa.rekey_child(inbound_spi, self._now())
+        except (ValueError, RuntimeError) as exc:  # deleted or replaced meanwhile
+            log.info("ike: %s: no rekey of %s: %s", rec.name, _spi(inbound_spi), exc)
 
     def _on_acquire(self, msg: Message) -> None:
         policy = msg.policy
@@ -1115,7 +1219,7 @@ class IkeService:
         config = self._ike_config(conn, children, local_ip, remote_ip)
         sa = IkeSa(config, initiator=True, local_addr=(local_ip, self.connections.settings.port),
                    remote_addr=(remote_ip, conn.remote_port), child_spi=spi,
-                   spi_allocator=_random_spi)
+                   spi_allocator=lambda: self._take_spare(rec))
         rec = self._new_record(conn, sa, local_ip)
         if larval:
             rec.larval.add(spi)

@@ -246,3 +246,28 @@ def test_responder_picks_the_peer_config_by_identity_before_checking_auth() -> N
         ie = [e for e in events(i) if isinstance(e, IkeSaEstablished)]
         assert ie[0].remote_id == (IdType.FQDN, peer_id)  # the chosen config's identity
     assert [a[0] for a in asked] == [(IdType.FQDN, n) for n in (b"alice", b"bob", b"carol")]
+
+
+def test_responder_takes_its_first_child_spi_from_the_allocator_when_given_none() -> None:
+    spis = [b"\x0a\x0b\x0c\x0d"]
+    i = IkeSa(config("i"), initiator=True, local_addr=I_ADDR, remote_addr=R_ADDR,
+              child_spi=b"\xc0\x00\x00\x01")
+    r = IkeSa(config("r"), initiator=False, local_addr=R_ADDR, remote_addr=I_ADDR,
+              child_spi=b"", spi_allocator=lambda: spis.pop() if spis else None)
+    i.initiate(0.0)
+    pump(i, r)
+    (child,) = [e for e in events(r) if isinstance(e, ChildSaEstablished)]
+    assert child.inbound_spi == b"\x0a\x0b\x0c\x0d"
+    (mine,) = [e for e in events(i) if isinstance(e, ChildSaEstablished)]
+    assert mine.outbound_spi == b"\x0a\x0b\x0c\x0d"
+    # None from the allocator: the IKE SA comes up, its first Child SA does not.
+    i = IkeSa(config("i"), initiator=True, local_addr=I_ADDR, remote_addr=R_ADDR,
+              child_spi=b"\xc0\x00\x00\x01")
+    r = IkeSa(config("r"), initiator=False, local_addr=R_ADDR, remote_addr=I_ADDR,
+              child_spi=b"", spi_allocator=lambda: None)
+    i.initiate(0.0)
+    pump(i, r)
+    assert i.state is State.ESTABLISHED and r.state is State.ESTABLISHED
+    failed = [e for e in events(r) if isinstance(e, ChildSaFailed)]
+    assert failed and failed[0].notify == NotifyType.TEMPORARY_FAILURE
+    assert not [e for e in events(i) if isinstance(e, ChildSaEstablished)]

@@ -4,7 +4,10 @@ the SAD and SPD after up, rekey and down, and the responder's narrowing."""
 from __future__ import annotations
 
 import ipaddress
+import logging
 from pathlib import Path
+
+import pytest
 
 from ike.core import State
 from tests.ike_daemon.gateways import (
@@ -114,5 +117,42 @@ def test_responder_installs_only_its_configured_subnet(tmp_path: Path) -> None:
         finally:
             await stop_gateway(lgw)
             await stop_gateway(rgw)
+
+    run(scenario())
+
+
+def test_every_inbound_spi_comes_from_getspi_and_none_is_left_larval(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Both sides, first Child SA and rekeyed ones: each inbound SA is a GETSPI'd larval SA
+    made mature by UPDATE (racoon's way), never an ADD of an SPI picked by the daemon."""
+    caplog.set_level(logging.DEBUG, logger="userspace_ipsec.kernel")
+
+    async def scenario() -> None:
+        left_text, right_text = _pair_texts()
+        left = await start_gateway(tmp_path, "left", left_text)
+        right = await start_gateway(tmp_path, "right", right_text)
+        try:
+            rec = await left.service.initiate("site")
+            assert await left.service.wait_established(rec, 20)
+            await until(lambda: len(right.sas()) == 2, what="responder SAs")
+            old_spis = {s.spi for s in left.sas()}
+            left.tick(3700)  # the soft lifetime: left rekeys, right answers
+            await until(lambda: len(left.sas()) == 2 and {s.spi for s in left.sas()}
+                        .isdisjoint(old_spis), what="new SAs replace the old")
+            await until(lambda: {s.spi for s in right.sas()} == {s.spi for s in left.sas()},
+                        what="responder agrees")
+            inbound = [(gw, sa) for gw, me in ((left, "127.0.0.1"), (right, "127.0.0.2"))
+                       for sa in gw.sas() if str(sa.dst) == me]
+            assert len(inbound) == 2
+            # Only a larval SA (GETSPI's) can be UPDATEd; the peer's kernel, in this process
+            # too, logs its outbound twin of each as "added".
+            updated = {m.split()[3] for m in caplog.messages if m.endswith(" updated")}
+            for _, sa in inbound:
+                assert f"{sa.spi:#x}" in updated
+            assert all(sa.state.name in ("MATURE", "DYING") for gw in (left, right)
+                       for sa in gw.sas())  # no spare larval SA left behind
+        finally:
+            await stop_gateway(left)
+            await stop_gateway(right)
 
     run(scenario())
