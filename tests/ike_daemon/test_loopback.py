@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from ike.core import State
+from ike.service import IkeRecord
 from tests.ike_daemon.gateways import (
+    Gateway,
     config_text,
     run,
     start_gateway,
@@ -74,22 +77,31 @@ def test_up_installs_matching_sas_and_policies_then_down_removes_them(tmp_path: 
     run(scenario())
 
 
+async def _up_then_rekeyed(left: Gateway, right: Gateway,
+                           before_rekey: Callable[[], object] = lambda: None) -> IkeRecord:
+    """Left brings the tunnel up, then its soft lifetime passes: left rekeys, right answers."""
+    rec = await left.service.initiate("site")
+    assert await left.service.wait_established(rec, 20)
+    await until(lambda: len(right.sas()) == 2, what="responder SAs")
+    old_spis = {s.spi for s in left.sas()}
+    before_rekey()
+    left.tick(3700)  # past the soft lifetime (rekey_time 3600 minus jitter)
+    await until(lambda: len(left.sas()) == 2 and {s.spi for s in left.sas()}
+                .isdisjoint(old_spis), what="new SAs replace the old")
+    await until(lambda: {s.spi for s in right.sas()} == {s.spi for s in left.sas()},
+                what="responder agrees")
+    return rec
+
+
 def test_soft_expire_rekeys_make_before_break(tmp_path: Path) -> None:
     async def scenario() -> None:
         left_text, right_text = _pair_texts()
         left = await start_gateway(tmp_path, "left", left_text)
         right = await start_gateway(tmp_path, "right", right_text)
         try:
-            rec = await left.service.initiate("site")
-            assert await left.service.wait_established(rec, 20)
-            await until(lambda: len(right.sas()) == 2, what="responder SAs")
-            old_spis = {s.spi for s in left.sas()}
-            policy_ids = {p.id for p in left.policies()}
-            left.tick(3700)  # past the soft lifetime (rekey_time 3600 minus jitter)
-            await until(lambda: len(left.sas()) == 2 and {s.spi for s in left.sas()}
-                        .isdisjoint(old_spis), what="new SAs replace the old")
-            await until(lambda: {s.spi for s in right.sas()} == {s.spi for s in left.sas()},
-                        what="responder agrees")
+            policy_ids: set[int] = set()
+            rec = await _up_then_rekeyed(left, right, lambda: policy_ids.update(
+                p.id for p in left.policies()))
             assert {p.id for p in left.policies()} == policy_ids  # policies never dropped
             assert rec.sa.state is State.ESTABLISHED and len(rec.children) == 1
         finally:
@@ -132,15 +144,7 @@ def test_every_inbound_spi_comes_from_getspi_and_none_is_left_larval(
         left = await start_gateway(tmp_path, "left", left_text)
         right = await start_gateway(tmp_path, "right", right_text)
         try:
-            rec = await left.service.initiate("site")
-            assert await left.service.wait_established(rec, 20)
-            await until(lambda: len(right.sas()) == 2, what="responder SAs")
-            old_spis = {s.spi for s in left.sas()}
-            left.tick(3700)  # the soft lifetime: left rekeys, right answers
-            await until(lambda: len(left.sas()) == 2 and {s.spi for s in left.sas()}
-                        .isdisjoint(old_spis), what="new SAs replace the old")
-            await until(lambda: {s.spi for s in right.sas()} == {s.spi for s in left.sas()},
-                        what="responder agrees")
+            await _up_then_rekeyed(left, right)
             inbound = [(gw, sa) for gw, me in ((left, "127.0.0.1"), (right, "127.0.0.2"))
                        for sa in gw.sas() if str(sa.dst) == me]
             assert len(inbound) == 2
