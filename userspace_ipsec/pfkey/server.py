@@ -41,6 +41,8 @@ BROADCAST_QUEUE_LIMIT = 4096
 REQUEST_BACKLOG_LIMIT = 256
 # Datagrams read, or dump messages sent, per turn of a connection before yielding to the others.
 READ_BATCH = 64
+# Connections taken in before serving one request (a bound on the work of one turn).
+MAX_ADMIT_PER_REQUEST = 64
 STREAM_BATCH = 256
 
 
@@ -222,7 +224,22 @@ class PfkeyServer:
             log.debug("pfkey: socket %d sent a bad message: %s", conn.sock_id, exc)
             self._enqueue(conn, error_reply(data, exc.errno))
             return
+        self._admit_waiting()
         self.dispatch(conn.sock_id, self.kernel.handle(conn.sock_id, msg, self.clock()))
+
+    def _admit_waiting(self) -> None:
+        """Take in the connections already made before serving a request: as on Linux, a
+        socket opened before a request was sent gets the news it causes (the accept loop may
+        not have had its turn yet)."""
+        listener = self._listener
+        for _ in range(MAX_ADMIT_PER_REQUEST):
+            if listener is None:
+                return
+            try:
+                sock, _ = listener.accept()
+            except OSError:  # nothing waiting (EAGAIN), or the listener is closing
+                return
+            self._admit(sock)
 
     # -- deliveries --------------------------------------------------------------------------
 
