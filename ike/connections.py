@@ -96,18 +96,13 @@ class ConnectionConfig:
     jitter: float = 1440.0
     children: dict[str, ChildConfig] = field(default_factory=dict)
     psk: bytes = field(default=b"", repr=False)
-    line: int | None = None  # where it was defined, for messages
+    line: int | None = field(default=None, compare=False)  # where it was defined (messages)
 
     def matches_remote(self, addr: str) -> bool:
         return ANY in self.remote_addrs or _addr_in(addr, self.remote_addrs)
 
     def matches_local(self, addr: str) -> bool:
         return ANY in self.local_addrs or _addr_in(addr, self.local_addrs)
-
-    def fingerprint(self) -> tuple[Any, ...]:
-        """What decides whether a reload must restart this connection."""
-        return tuple((name, repr(getattr(self, name))) for name in self.__slots__
-                     if name != "line") + (self.psk,)
 
 
 @dataclass(slots=True)

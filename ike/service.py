@@ -1287,7 +1287,8 @@ class IkeService:
             connections = from_config(self.config)
         old, new = self.connections.connections, connections.connections
         removed = [n for n in old if n not in new]
-        changed = [n for n in old if n in new and old[n].fingerprint() != new[n].fingerprint()]
+        # Equal configurations (all but where they were written) keep their tunnels up.
+        changed = [n for n in old if n in new and old[n] != new[n]]
         added = [n for n in new if n not in old]
         for name in removed + changed:
             await self.terminate(name)
