@@ -60,10 +60,6 @@ from userspace_ipsec.config import Config
 from userspace_ipsec.pfkey.constants import ExtType, IpsecMode, MsgType
 from userspace_ipsec.pfkey.messages import IPAddress, LifetimeExt, Message
 
-# A GETSPI'd SPI is used within this many seconds or not at all: the kernel drops a larval SA
-# after its larval timeout (30 s by default, as Linux and KAME), and may then give the SPI away.
-SPARE_MAX_AGE = 20.0
-
 log = logging.getLogger("ike")
 
 Address = tuple[str, int]
@@ -166,7 +162,7 @@ class IkeRecord:
     dpd_at: float | None = None
     children: dict[bytes, ChildRecord] = field(default_factory=dict)  # by inbound SPI
     larval: set[bytes] = field(default_factory=set)  # inbound SPIs from GETSPI
-    spares: dict[bytes, float] = field(default_factory=dict)  # GETSPI'd, unused: SPI -> when
+    spare: bytes | None = None  # GETSPI'd for the exchange being started, not yet taken
     deferred: int = 0  # datagrams waiting in the lane for a spare SPI (order is kept)
     rekeys_due: set[bytes] = field(default_factory=set)  # Child SAs whose rekey waits for one
     pending: list[ChildConfig] = field(default_factory=list)  # create once established
@@ -360,8 +356,7 @@ class IkeService:
         sa, rec = entry
         if rec.deferred or (not flags & HeaderFlag.RESPONSE and sa.state is not State.IDLE and (
                 exchange == ExchangeType.CREATE_CHILD_SA or
-                (exchange == ExchangeType.IKE_AUTH and not sa.initiator))
-                and not self._has_spare(rec)):
+                (exchange == ExchangeType.IKE_AUTH and not sa.initiator))):
             # A request that may create a Child SA: its inbound SPI comes from GETSPI, which
             # is a PF_KEY round trip, so the datagram waits for it in the IKE SA's lane (and
             # so does what comes after it, to keep the order).
@@ -374,17 +369,9 @@ class IkeService:
     async def _receive_later(self, sa: IkeSa, rec: IkeRecord, data: bytes, src: Address,
                              spi_i: bytes, natt: bool) -> None:
         try:
-            fetched = await self._fill_spare(rec)
+            await self._using_spare(rec, lambda: self._process(sa, rec, data, src, spi_i, natt))
         finally:
             rec.deferred -= 1
-        if rec.uid in self._records:
-            self._process(sa, rec, data, src, spi_i, natt)
-        if fetched is not None and rec.spares.pop(fetched, None) is not None:
-            # Not needed after all (an IKE SA rekey, a refused request): no larval SA left.
-            rec.larval.discard(fetched)
-            await self._safely(self.keying.delete_sa(
-                ipaddress.ip_address(sa.remote_addr[0]), ipaddress.ip_address(rec.local_ip),
-                int.from_bytes(fetched, "big")))
 
     def _process(self, sa: IkeSa, rec: IkeRecord, data: bytes, src: Address, spi_i: bytes,
                  natt: bool) -> None:
@@ -454,14 +441,16 @@ class IkeService:
         if not any(c.inbound_spi == child.inbound_spi and c.state is ChildState.INSTALLED
                    for c in rec.sa.child_sas):
             return  # being rekeyed or deleted already: nothing to do, no SPI to ask for
-        await self._fill_spare(rec)
-        try:
-            rec.sa.rekey_child(child.inbound_spi, self._now())
-        except (ValueError, RuntimeError) as exc:
-            log.warning("ike: %s %s: no rekey after the move: %s", rec.name, child.child.name,
-                        exc)
-            return
-        self._pump(rec.sa, rec)
+
+        def rekey() -> None:
+            try:
+                rec.sa.rekey_child(child.inbound_spi, self._now())
+            except (ValueError, RuntimeError) as exc:
+                log.warning("ike: %s %s: no rekey after the move: %s", rec.name,
+                            child.child.name, exc)
+                return
+            self._pump(rec.sa, rec)
+        await self._using_spare(rec, rekey)
 
     async def _move_policies(self, rec: IkeRecord, old_key: tuple[Any, ...],
                              users: list[tuple[IkeRecord, ChildRecord]],
@@ -738,58 +727,44 @@ class IkeService:
 
     # -- inbound SPIs: GETSPI ahead of the exchange that needs one ---------------------------
 
-    def _has_spare(self, rec: IkeRecord) -> bool:
-        now = self._now()
-        return any(now - t < SPARE_MAX_AGE for t in rec.spares.values())
-
     def _take_spare(self, rec: IkeRecord) -> bytes:
-        """The core's SPI allocator: a GETSPI'd SPI fetched for this exchange, else (GETSPI
-        failed, or the exchange came unannounced) a random one that the install ADDs."""
-        now = self._now()
-        while rec.spares:
-            spi, got = next(iter(rec.spares.items()))
-            del rec.spares[spi]
-            if now - got < SPARE_MAX_AGE:
-                return spi
-            rec.larval.discard(spi)  # the kernel drops its larval SA soon
-        return _random_spi()
+        """The core's SPI allocator: the SPI GETSPI'd for the exchange being started, else (an
+        exchange that had to wait for the window of one, or GETSPI failed) a random one, which
+        the install ADDs."""
+        spi, rec.spare = rec.spare, None
+        return spi or _random_spi()
 
-    async def _fill_spare(self, rec: IkeRecord) -> bytes | None:
-        """One fresh larval SPI for the next Child SA of ``rec`` (PF_KEY GETSPI); returns
-        the SPI if it had to ask for one."""
-        if self._has_spare(rec):
-            return None
+    async def _using_spare(self, rec: IkeRecord, use: Callable[[], None]) -> None:
+        """GETSPI a larval SPI, run ``use`` (which may make the core start an exchange that
+        takes it), and delete it again if nothing took it (an IKE SA rekey, a refusal)."""
+        local, remote = ipaddress.ip_address(rec.local_ip), \
+            ipaddress.ip_address(rec.sa.remote_addr[0])
         try:
-            spi = (await self.keying.getspi(ipaddress.ip_address(rec.local_ip),
-                                            ipaddress.ip_address(rec.sa.remote_addr[0]),
-                                            IpsecMode.ANY, 0)).to_bytes(4, "big")
+            value = await self.keying.getspi(local, remote, IpsecMode.ANY, 0)
         except (KeyingError, OSError) as exc:
             log.warning("ike: %s: GETSPI failed (%s): a random SPI will do", rec.name, exc)
-            return None
-        rec.spares[spi] = self._now()
-        rec.larval.add(spi)
-        return spi
+        else:
+            rec.spare = value.to_bytes(4, "big")
+            rec.larval.add(rec.spare)
+        try:
+            if rec.uid in self._records:
+                use()
+        finally:
+            spi, rec.spare = rec.spare, None
+            if spi is not None:
+                rec.larval.discard(spi)
+                await self._safely(self.keying.delete_sa(remote, local,
+                                                         int.from_bytes(spi, "big")))
 
     def _with_spare(self, rec: IkeRecord, start: Callable[[], None]) -> None:
-        """Run ``start`` (which makes the core ask for a Child SA) once a spare SPI is there."""
-        async def job() -> None:
-            await self._fill_spare(rec)
-            if rec.uid in self._records:  # ``start`` copes with an SA no longer established
-                start()
-                self._pump(rec.sa, rec)
-        self._enqueue(rec, job)
+        """Run ``start`` (which makes the core ask for a Child SA) with a GETSPI'd SPI at hand,
+        in the IKE SA's lane; ``start`` copes with an SA no longer established."""
+        def use() -> None:
+            start()
+            self._pump(rec.sa, rec)
+        self._enqueue(rec, functools.partial(self._using_spare, rec, use))
 
     def _drop_record(self, rec: IkeRecord) -> None:
-        if rec.spares:  # unused larval SAs: the kernel would drop them only at their timeout
-            spares, rec.spares = list(rec.spares), {}
-            local, remote = ipaddress.ip_address(rec.local_ip), \
-                ipaddress.ip_address(rec.sa.remote_addr[0])
-
-            async def forget_spares() -> None:
-                for spi in spares:
-                    await self._safely(self.keying.delete_sa(remote, local,
-                                                             int.from_bytes(spi, "big")))
-            self._enqueue(rec, forget_spares)
         self._records.pop(rec.uid, None)
         same = self._by_conn.get(rec.conn.name)
         if same is not None:
