@@ -150,7 +150,6 @@ class Datapath:
         self._sync_timer: asyncio.Handle | None = None
         self._local_at = 0.0
         self._keepalive = KeepalivePeers()
-        self._rescan = False  # local addresses changed: rebuild what depends on them
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -429,7 +428,6 @@ class Datapath:
             else:
                 if local != self.table.local:
                     self.table.set_local(local)
-                    self._rescan = True
                     self._spd_gen = self._sad_gen = -1  # re-route and re-index
         self.sync()
         outbound = self.outbound
@@ -445,8 +443,7 @@ class Datapath:
 
     def _follow_keepalive_peers(self) -> None:
         """Peers of UDP-encapsulated SAs (the far end of each; keepalives keep NATs open)."""
-        rescan, self._rescan = self._rescan, False
-        added = self._keepalive.follow(self.kernel.sad, self.table.local, self.udp, rescan)
+        added = self._keepalive.follow(self.kernel.sad, self.table.local, self.udp)
         if self.outbound is not None and added:
             now = self.clock()
             for peer in added:  # the first keepalive one interval after the SA came

@@ -18,19 +18,22 @@ Peer = tuple[Any, ...]  # (host, port) as sendto takes it
 
 
 class KeepalivePeers:
-    __slots__ = ("peers", "_of", "_refs", "_cursor")
+    __slots__ = ("peers", "_of", "_refs", "_cursor", "_local")
 
     def __init__(self) -> None:
         self.peers: dict[Peer, UdpSocket] = {}
         self._of: dict[SecurityAssociation, Peer] = {}  # SA -> the peer it counts for
         self._refs: Counter[Peer] = Counter()
         self._cursor = -1
+        self._local: frozenset[bytes] | None = None  # what "the far end" was judged by
 
-    def follow(self, sad: SAD, local: frozenset[bytes], udp: dict[int, UdpSocket],
-               rescan: bool = False) -> list[Peer]:
-        """Take in the SAD's changes; returns the peers that appeared."""
-        changed = None if rescan else sad.changes.since(self._cursor)
+    def follow(self, sad: SAD, local: frozenset[bytes], udp: dict[int, UdpSocket]
+               ) -> list[Peer]:
+        """Take in the SAD's changes (all of it again when the local addresses changed);
+        returns the peers that appeared."""
+        changed = sad.changes.since(self._cursor) if local == self._local else None
         self._cursor = sad.changes.cursor
+        self._local = local
         if changed is None:
             self.peers, self._of, self._refs = {}, {}, Counter()
             changed = list(sad)
