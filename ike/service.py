@@ -74,6 +74,8 @@ MAX_IKE_SAS = 10_000  # half-open and established: a bound against floods
 MAX_HALF_OPEN = 1_000
 STOP_GRACE = 2.0  # seconds to let deletes reach the peers on stop
 IP_PKTINFO = 8  # Linux <netinet/in.h>; not exported by Python's socket module
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
+RECEIVE_BUFFER = 8 << 20  # bytes, for each UDP 500 / 4500 socket of ours
 _IN_PKTINFO = struct.Struct("=i4s4s")
 _IN6_PKTINFO = struct.Struct("=16si")
 
@@ -286,6 +288,7 @@ class IkeService:
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _grow_receive_buffer(sock)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -1288,6 +1291,18 @@ class IkeService:
     @property
     def policy_sets(self) -> dict[tuple[Any, ...], PolicySet]:
         return self._policies
+
+
+def _grow_receive_buffer(sock: socket.socket) -> None:
+    """Room for the answers to a burst of IKE_SA_INITs (a thousand connections starting at
+    once): the default buffer holds about 200 datagrams, and what overflows costs a 4 s
+    retransmission. Forced past net.core.rmem_max when we may (CAP_NET_ADMIN)."""
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
+            return
+        except OSError:
+            continue
 
 
 def _by_identity(conns: list[ConnectionConfig], idi: Identity,

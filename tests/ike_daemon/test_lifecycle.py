@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 import time
 from pathlib import Path
 
+from ike.service import RECEIVE_BUFFER
 from tests.ike_daemon.gateways import config_text, run, start_gateway, stop_gateway, until
 from userspace_ipsec.kernel import Flow
 from userspace_ipsec.pfkey.constants import PolicyDir
@@ -110,5 +112,22 @@ def test_dpd_trap_leaves_trap_policies(tmp_path: Path) -> None:
         finally:
             await stop_gateway(left)
             await stop_gateway(right)
+
+    run(scenario())
+
+
+def test_ike_sockets_hold_the_answers_to_a_burst_of_initiations(tmp_path: Path) -> None:
+    """The default UDP receive buffer holds about 200 IKE_SA_INIT answers: with a thousand
+    connections starting at once, the rest were dropped and cost a 4 s retransmission each."""
+    async def scenario() -> None:
+        left = await start_gateway(tmp_path, "left", _texts()[0])
+        try:
+            socks = left.service._socks  # noqa: SLF001 - the bound UDP sockets
+            assert socks
+            for sock in socks:
+                granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+                assert granted >= RECEIVE_BUFFER, (sock, granted)
+        finally:
+            await stop_gateway(left)
 
     run(scenario())
