@@ -13,10 +13,10 @@ The clock starts when the initiator is told to start all N at once and stops whe
 established IKE SAs with their Child SAs installed (polled every 2% of the time elapsed, 5 to
 100 ms):
 
-- ours (``uipsec daemon`` with its datapath, logging warnings only, as charon logs nothing
-  here): the N connections are loaded with ``start_action = "none"``, then rewritten to
-  ``"start"`` and ``uipsec reload``-ed; done when ``uipsec stats`` counts N Child SAs
-  installed.
+- ours (``uipsec daemon`` with its datapath and, as by default, its IKE process; logging
+  warnings only, as charon logs nothing here): the N connections are loaded with
+  ``start_action = "none"``, then rewritten to ``"start"`` and ``uipsec reload``-ed; done
+  when ``uipsec stats`` counts N Child SAs installed.
 - strongSwan (charon 5.x with kernel-libipsec, tests.strongswan, logging off): the same with
   ``swanctl --load-conns``; done when ``swanctl --stats`` counts N IKE SAs, none half-open,
   and ``swanctl --list-sas`` N installed Child SAs.

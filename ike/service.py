@@ -15,6 +15,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import os
 import random
 import socket
 import struct
@@ -1286,7 +1287,8 @@ class IkeService:
         established = sum(1 for r in self._records.values() if r.sa.state is State.ESTABLISHED)
         children = sum(len(r.children) for r in self._records.values())
         return {**self.counters, "ike_sas": len(self._records),
-                "ike_sas_established": established, "child_sas": children}
+                "ike_sas_established": established, "child_sas": children,
+                "pid": os.getpid()}  # the daemon's, or its IKE process's
 
     @property
     def policy_sets(self) -> dict[tuple[Any, ...], PolicySet]:

@@ -31,6 +31,9 @@ class DaemonConfig:
     larval_timeout: float = 30.0  # seconds a GETSPI SA waits for its UPDATE
     acquire_interval: float = 1.0  # minimum seconds between ACQUIREs for one policy and flow
     log_level: str = "info"
+    # IKE negotiates in a process of its own (keying this one through PF_KEY, as racoon keys a
+    # kernel): two cores share the work of many tunnels. False: one process does everything.
+    ike_process: bool = True
 
 
 @dataclass(slots=True)
@@ -113,6 +116,7 @@ def parse_daemon_table(
         "larval_timeout": (int, float),
         "acquire_interval": (int, float),
         "log_level": str,
+        "ike_process": bool,
     }
     for key, value in table.items():
         where = locate.line_of("daemon", key)

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
 MAX_REQUEST = 64 * 1024
+MAX_RESPONSE = 256 << 20  # `status` of thousands of IKE SAs
 
 
 class ControlError(Exception):
@@ -112,6 +113,32 @@ def request(path: Path, command: str, args: dict[str, Any] | None = None,
                 raise ControlError("the daemon closed the control connection")
             data += chunk
     response = json.loads(data)
+    if not response.get("ok"):
+        raise ControlError(response.get("error", "request failed"))
+    return response.get("result")
+
+
+async def request_async(path: Path, command: str, args: dict[str, Any] | None = None,
+                        timeout: float = 30.0) -> Any:
+    """``request`` for a caller inside an event loop (the daemon asking its IKE process)."""
+    async def exchange() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_RESPONSE)
+        try:
+            writer.write(json.dumps({"command": command, "args": args or {}}).encode() + b"\n")
+            await writer.drain()
+            return await reader.readline()
+        finally:
+            writer.close()
+
+    try:
+        line = await asyncio.wait_for(exchange(), timeout)
+    except TimeoutError:
+        raise ControlError(f"{command}: no answer within {timeout:g} s") from None
+    except (ValueError, asyncio.LimitOverrunError):
+        raise ControlError(f"{command}: answer too long") from None
+    if not line:
+        raise ControlError("the IKE process closed the control connection")
+    response = json.loads(line)
     if not response.get("ok"):
         raise ControlError(response.get("error", "request failed"))
     return response.get("result")

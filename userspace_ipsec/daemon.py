@@ -15,12 +15,13 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .config import Config, DaemonConfig
 from .control import ControlError, ControlServer
+from .ike_process import FORWARDED, IkeProcess
 from .kernel import Delivery, Kernel, KernelOptions
 from .pfkey.server import PfkeyServer
 from .rundir import RunDir, RunDirLock
@@ -74,16 +75,25 @@ class Daemon:
         self.control = ControlServer(self.run_dir.control_socket)
         self.control.register("stats", lambda _args: self.stats())
         self.ike: IkeService | None = None
+        self.ike_process: IkeProcess | None = None
+        self.failure: str | None = None  # why the daemon stopped, if it had to
+        self._ike_connections = 0
+        config_file = Path(self.config.source)
         if connections is not None and connections.connections:
-            from ike.service import IkeService
+            self._ike_connections = len(connections.connections)
+            if daemon_config.ike_process and config_file.is_file():
+                self.ike_process = IkeProcess(self.run_dir, config_file.resolve(),
+                                              self.datapath, self._ike_process_exited)
+            else:
+                from ike.service import IkeService
 
-            # Without a datapath the service binds UDP 4500 itself.
-            dp = self.datapath
-            self.ike = IkeService(
-                self.run_dir.pfkey_socket, self.config, connections=connections,
-                natt_send=dp.send_ike if dp is not None else None,
-                natt_register=dp.set_ike_handler if dp is not None else None,
-            )
+                # Without a datapath the service binds UDP 4500 itself.
+                dp = self.datapath
+                self.ike = IkeService(
+                    self.run_dir.pfkey_socket, self.config, connections=connections,
+                    natt_send=dp.send_ike if dp is not None else None,
+                    natt_register=dp.set_ike_handler if dp is not None else None,
+                )
         self.control.register("reload", lambda _args: self.reload())  # refuses without IKE
         self._lock = RunDirLock(self.run_dir)
         self._stop = asyncio.Event()
@@ -105,6 +115,12 @@ class Daemon:
                 self.datapath.start(loop)
                 self.pfkey.after_dispatch = self.datapath.sync
             timer = asyncio.create_task(self._timer_loop())
+            if self.ike_process is not None:
+                await self.ike_process.start()
+                for command in FORWARDED:
+                    self.control.register(command, self._forwarder(command))
+                log.info("daemon: IKE service running (%d connections) in process %d",
+                         self._ike_connections, self.ike_process.pid)
             if self.ike is not None:
                 from ike.control_cmds import register
 
@@ -122,6 +138,8 @@ class Daemon:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
             await self.control.close()
+            if self.ike_process is not None:
+                await self.ike_process.close()  # its deletes need our PF_KEY and UDP 4500
             if self.ike is not None:
                 await self.ike.close()  # deletes towards peers, removes its SAs and policies
             if timer is not None:
@@ -132,8 +150,15 @@ class Daemon:
             await self.pfkey.close()
             self._lock.release()
 
-    def stats(self) -> dict[str, object]:
+    async def stats(self) -> dict[str, object]:
         """The ``stats`` control command: every part's global counters."""
+        result = self._local_stats()
+        if self.ike_process is not None:
+            result["ike"] = {**await self.ike_process.forward("stats", {}),
+                             **self.ike_process.stats()}
+        return result
+
+    def _local_stats(self) -> dict[str, object]:
         result: dict[str, object] = {
             "pfkey": {
                 "sas": len(self.kernel.sad),
@@ -149,12 +174,16 @@ class Daemon:
 
     async def reload(self) -> dict[str, list[str]]:
         """SIGHUP / ``uipsec reload``: re-read the configuration; unchanged tunnels stay up."""
-        if self.ike is None:
+        if self.ike is None and self.ike_process is None:
             raise ControlError("no IKE connections were configured at start: nothing to reload")
-        from ike.control_cmds import reload
-
         try:
-            result: dict[str, list[str]] = await reload(self.ike, {})
+            if self.ike_process is not None:
+                result: dict[str, list[str]] = await self.ike_process.forward("reload", {})
+            else:
+                from ike.control_cmds import reload
+
+                assert self.ike is not None
+                result = await reload(self.ike, {})
         except ControlError as exc:
             log.error("daemon: %s", exc)
             raise
@@ -167,7 +196,26 @@ class Daemon:
 
     def _log_stats(self) -> None:
         """SIGUSR1: one log line with every part's counters."""
-        log.warning("daemon stats: %s", json.dumps(self.stats(), sort_keys=True))
+        async def write() -> None:
+            try:
+                stats = await self.stats()
+            except ControlError as exc:
+                stats = {**self._local_stats(), "ike": str(exc)}
+            log.warning("daemon stats: %s", json.dumps(stats, sort_keys=True))
+
+        task = asyncio.get_running_loop().create_task(write())
+        task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    def _forwarder(self, command: str) -> Callable[[dict[str, Any]], Awaitable[Any]]:
+        def forward(args: dict[str, Any]) -> Awaitable[Any]:
+            assert self.ike_process is not None
+            return self.ike_process.forward(command, args)
+        return forward
+
+    def _ike_process_exited(self, reason: str) -> None:
+        log.error("daemon: %s; stopping", reason)
+        self.failure = reason
+        self._stop.set()
 
     def stop(self) -> None:
         self._stop.set()

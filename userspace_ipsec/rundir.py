@@ -18,6 +18,7 @@ ENV_RUN_DIR = "UIPSEC_RUN_DIR"
 
 PFKEY_SOCKET = "pfkey.sock"
 CONTROL_SOCKET = "control.sock"
+IKE_CONTROL_SOCKET = "ike-control.sock"  # the IKE process's, behind the daemon's
 LOCK_FILE = "uipsec.pid"
 
 
@@ -42,6 +43,10 @@ class RunDir:
     @property
     def control_socket(self) -> Path:
         return self.path / CONTROL_SOCKET
+
+    @property
+    def ike_control_socket(self) -> Path:
+        return self.path / IKE_CONTROL_SOCKET
 
     @property
     def lock_file(self) -> Path:

@@ -53,6 +53,7 @@ def daemon(obj: Context, config_path: Path | None, no_datapath: bool) -> None:
     from ike import connections as ike_connections
 
     from ..daemon import Daemon
+    from ..ike_process import IkeProcessError
     from ..rundir import RunDirError
 
     config = connections = None
@@ -65,13 +66,15 @@ def daemon(obj: Context, config_path: Path | None, no_datapath: bool) -> None:
         logging.getLogger().setLevel(config.daemon.log_level.upper())
     elif logging.getLogger().level == logging.WARNING:
         logging.getLogger().setLevel(logging.INFO)
+    server = Daemon(obj.run_dir.path, config, datapath=not no_datapath, connections=connections)
     try:
-        asyncio.run(Daemon(obj.run_dir.path, config, datapath=not no_datapath,
-                           connections=connections).run())
-    except RunDirError as exc:
+        asyncio.run(server.run())
+    except (RunDirError, IkeProcessError) as exc:
         fail(str(exc))
     except OSError as exc:  # TUN, sockets or routes could not be set up
         fail(f"datapath: {exc}")
+    if server.failure is not None:
+        fail(server.failure)
 
 
 @main.command()

@@ -1,0 +1,121 @@
+"""The IKE daemon in a process of its own, started by ``uipsec daemon`` (racoon's layout).
+
+    python -m ike.process --run-dir DIR --config FILE --relay-fd N --parent PID [--own-natt]
+
+It keys the daemon's kernel through the run directory's PF_KEY socket like any other client,
+gets and sends its UDP 4500 datagrams through the relay stream on fd N (the datapath owns that
+port; ``--own-natt`` when the daemon runs without one: then it binds UDP 4500 itself), and
+answers ``up``, ``down``, ``status``, ``reload`` and ``stats`` on ``ike-control.sock``, which
+the daemon's control socket forwards to. Once serving it sends READY on the relay.
+
+Negotiating, hashing and the PF_KEY client's work run here, the kernel's side of PF_KEY and the
+datapath in the daemon: on a machine with two cores, setting up many IKE SAs uses both.
+
+It stops (deleting its IKE SAs towards the peers and what it installed) on SIGTERM from the
+daemon; if the daemon dies it dies too (PR_SET_PDEATHSIG), without deletes: the kernel it keyed
+is gone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from ike import connections as ike_connections
+from ike.control_cmds import register
+from ike.service import IkeService
+from userspace_ipsec.config import ConfigError
+from userspace_ipsec.control import ControlServer
+from userspace_ipsec.ike_relay import Datagram, Relay
+from userspace_ipsec.rundir import RunDir
+
+log = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1
+EXIT_PARENT_GONE = 3
+
+
+def _die_with_parent(parent: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        log.warning("ike process: PR_SET_PDEATHSIG failed (errno %d)", ctypes.get_errno())
+    if os.getppid() != parent:  # the daemon died before the line above took effect
+        sys.exit(EXIT_PARENT_GONE)
+
+
+async def serve(run_dir: RunDir, config_path: Path, relay_fd: int, own_natt: bool) -> None:
+    config, connections = ike_connections.load(config_path)
+    logging.getLogger().setLevel(config.daemon.log_level.upper())
+    handler: list[object] = [None]
+
+    def natt_in(datagram: Datagram) -> None:
+        fn = handler[0]
+        if callable(fn):
+            fn(datagram.message, datagram.peer, datagram.local)
+
+    relay = Relay(socket.socket(fileno=relay_fd), natt_in)
+    await relay.start()
+
+    def natt_send(message: bytes, peer: tuple[str, int], source: str | None) -> bool:
+        return relay.send(message, peer, (source, 0))
+
+    def natt_register(fn: object) -> None:
+        handler[0] = fn
+
+    service = IkeService(run_dir.pfkey_socket, config, connections=connections,
+                         natt_send=None if own_natt else natt_send,
+                         natt_register=None if own_natt else natt_register)
+    control = ControlServer(run_dir.ike_control_socket)
+    register(control, service)
+    control.register("stats", lambda _args: service.stats())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await service.start()
+    try:
+        await control.start()
+        relay.send_ready()
+        done, _ = await asyncio.wait(
+            [asyncio.create_task(stop.wait()), asyncio.create_task(relay.closed.wait())],
+            return_when=asyncio.FIRST_COMPLETED)
+        if not stop.is_set():  # the daemon closed the relay without asking us to stop
+            log.error("ike process: the daemon went away; exiting without deletes")
+            os._exit(EXIT_PARENT_GONE)
+    finally:
+        await control.close()
+        await service.close()
+        await relay.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ike.process")
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--relay-fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    parser.add_argument("--own-natt", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the daemon
+    _die_with_parent(args.parent)
+    try:
+        asyncio.run(serve(RunDir(args.run_dir), args.config, args.relay_fd, args.own_natt))
+    except ConfigError as exc:
+        log.error("ike process: %s", exc)
+        sys.exit(2)
+    except OSError as exc:
+        log.error("ike process: %s", exc)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
