@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -83,6 +84,7 @@ async def serve(run_dir: RunDir, config_path: Path, relay_fd: int, own_natt: boo
     try:
         await control.start()
         relay.send_ready()
+        gc.freeze()  # what start-up made lives as long as we do: out of every GC scan
         done, _ = await asyncio.wait(
             [asyncio.create_task(stop.wait()), asyncio.create_task(relay.closed.wait())],
             return_when=asyncio.FIRST_COMPLETED)

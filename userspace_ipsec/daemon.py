@@ -11,6 +11,7 @@ cleanly on SIGTERM/SIGINT (removing its sockets, routes and TUN) and reloads on 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -132,6 +133,7 @@ class Daemon:
                          len(self.ike.connections.connections))
             # Last: a client that finds the control socket finds every command behind it.
             await self.control.start()
+            gc.freeze()  # what start-up made lives as long as we do: out of every GC scan
             await self._stop.wait()
             log.info("daemon: stopping")
         finally:
