@@ -173,6 +173,7 @@ def _addr_in(addr: str, entries: list[str]) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1 << 14)  # an identity is immutable; each is seen per IKE SA
 def parse_identity(text: str) -> Identity:
     """strongSwan's identity syntax: addresses, "@fqdn", user@fqdn, "keyid:text", "@#hex",
     or an explicit "fqdn:", "email:", "ipv4:", "ipv6:" prefix."""

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import ipaddress
 import os
 import struct
 from collections.abc import Callable
 
+from ike.addresses import ip_literal
 from ike.child_exchange import NONCE_BYTES, ChildExchanges, ChildRequest
 from ike.config import IkeConfig
 from ike.constants import (
@@ -80,7 +80,7 @@ _PROTECTED = (State.ESTABLISHED, State.REKEYED, State.DELETING)
 
 
 def _nat_hash(spi_i: bytes, spi_r: bytes, addr: Address) -> bytes:
-    ip = ipaddress.ip_address(addr[0]).packed
+    ip = ip_literal(addr[0]).packed
     return hashlib.sha1(spi_i + spi_r + ip + struct.pack("!H", addr[1])).digest()
 
 
@@ -95,8 +95,10 @@ class IkeSa(ChildExchanges):
                  random: Callable[[int], bytes] = os.urandom,
                  spi_allocator: Callable[[], bytes | None] | None = None,
                  peer_config: PeerConfig | None = None) -> None:
-        """`child_spi` is our inbound ESP SPI for the first Child SA (a responder may pass
-        b"": it then takes one from the allocator when IKE_AUTH comes); `spi_allocator` gives
+        """`child_spi` is our inbound ESP SPI for the first Child SA, or b"": then it is taken
+        from the allocator when the exchange that carries that SA is built (the initiator's
+        IKE_AUTH, the responder's answer to it), as strongSwan gets its SPI from the kernel
+        only once IKE_SA_INIT is done; `spi_allocator` gives
         the inbound SPIs of later ones (default: random; e.g. plug in a GETSPI pool, and return
         None when it is empty: requests then fail with TEMPORARY_FAILURE / ChildSaFailed).
 
@@ -105,8 +107,8 @@ class IkeSa(ChildExchanges):
         the configuration for that peer (its PSK, our identity, selectors, ESP proposals), as
         strongSwan picks its peer config by identity, or None to refuse the peer. Without it,
         `config` (chosen by address for IKE_SA_INIT) stays."""
-        if len(child_spi) != 4 and (initiator or child_spi):
-            raise ValueError("child_spi must be the 4-byte inbound ESP SPI")
+        if child_spi and len(child_spi) != 4:
+            raise ValueError("child_spi must be the 4-byte inbound ESP SPI or b\"\"")
         self._init_core(config, initiator, local_addr, remote_addr, random, spi_allocator)
         self._first_child_spi = child_spi
         self._peer_config = peer_config
@@ -397,6 +399,11 @@ class IkeSa(ChildExchanges):
         self._peer_next_id = 1
         self._send_response(msg, self._init_msg, addr)
 
+    @property
+    def awaiting_child_spi(self) -> bool:
+        """An initiator whose IKE_SA_INIT answer will make it take the first Child SA's SPI."""
+        return self.initiator and self.state is State.INIT_SENT and not self._first_child_spi
+
     def _on_sa_init_response(self, msg: Message, now: float) -> None:
         sa = msg.find(SaPayload)
         if not isinstance(sa, SaPayload):
@@ -419,6 +426,11 @@ class IkeSa(ChildExchanges):
         self._peer_init_msg = msg.raw
         self._check_nat(msg)
         self._derive(chosen.transforms, shared)
+        if not self._first_child_spi:
+            spi = self._new_spi()
+            if spi is None:
+                raise Fail("no inbound SPI for the first Child SA")
+            self._first_child_spi = spi
         my_id = self._id_payload()
         inner: list[Payload] = [my_id, self._my_auth(my_id)]
         if self.config.initial_contact:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ike.addresses import ip_literal
 from ike.config import IkeConfig
 from ike.connections import (
     ChildConfig,
@@ -358,12 +359,14 @@ class IkeService:
             self.counters["dropped"] += 1
             return
         sa, rec = entry
-        if rec.deferred or (not flags & HeaderFlag.RESPONSE and sa.state is not State.IDLE and (
-                exchange == ExchangeType.CREATE_CHILD_SA or
-                (exchange == ExchangeType.IKE_AUTH and not sa.initiator))):
-            # A request that may create a Child SA: its inbound SPI comes from GETSPI, which
-            # is a PF_KEY round trip, so the datagram waits for it in the IKE SA's lane (and
-            # so does what comes after it, to keep the order).
+        if rec.deferred or sa.awaiting_child_spi or (
+                not flags & HeaderFlag.RESPONSE and sa.state is not State.IDLE and (
+                    exchange == ExchangeType.CREATE_CHILD_SA or
+                    (exchange == ExchangeType.IKE_AUTH and not sa.initiator))):
+            # A request that may create a Child SA, or the IKE_SA_INIT answer after which we
+            # offer the first one: its inbound SPI comes from GETSPI, a PF_KEY round trip, so
+            # the datagram waits for it in the IKE SA's lane (and so does what comes after it,
+            # to keep the order).
             rec.deferred += 1
             self._enqueue(rec, functools.partial(self._receive_later, sa, rec, data, src,
                                                  spi_i, natt))
@@ -637,7 +640,7 @@ class IkeService:
         anc = []
         if source and sock in self._wildcard:
             try:
-                packed = ipaddress.ip_address(source).packed
+                packed = ip_literal(source).packed
                 if family == socket.AF_INET:
                     anc = [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, packed, bytes(4)))]
                 else:
@@ -741,8 +744,7 @@ class IkeService:
     async def _using_spare(self, rec: IkeRecord, use: Callable[[], None]) -> None:
         """GETSPI a larval SPI, run ``use`` (which may make the core start an exchange that
         takes it), and delete it again if nothing took it (an IKE SA rekey, a refusal)."""
-        local, remote = ipaddress.ip_address(rec.local_ip), \
-            ipaddress.ip_address(rec.sa.remote_addr[0])
+        local, remote = ip_literal(rec.local_ip), ip_literal(rec.sa.remote_addr[0])
         try:
             value = await self.keying.getspi(local, remote, IpsecMode.ANY, 0)
         except (KeyingError, OSError) as exc:
@@ -954,7 +956,7 @@ class IkeService:
         if child.rekey_time:
             soft = max(1, int(child.rekey_time - random.uniform(0, child.jitter)))
         return SaParams(
-            ipaddress.ip_address(rec.local_ip), ipaddress.ip_address(sa.remote_addr[0]), mode,
+            ip_literal(rec.local_ip), ip_literal(sa.remote_addr[0]), mode,
             self._reqid(rec.conn.name, child.name),
             settings.natt_port if rec.natt else settings.port,
             sa.remote_addr[1], rec.natt, child.replay_window, soft, int(child.life_time))
@@ -1179,7 +1181,8 @@ class IkeService:
 
     async def initiate(self, name: str, child_name: str | None = None) -> IkeRecord:
         """Start an IKE SA for connection `name` with its children (or only `child_name`):
-        GETSPI for the first Child SA's inbound SPI, then IKE_SA_INIT."""
+        IKE_SA_INIT at once; the first Child SA's inbound SPI is GETSPI'd when its answer
+        comes (a round trip to the kernel that then overlaps the peer's work, not ours)."""
         conn = self.connections.connections.get(name)
         if conn is None:
             raise IkeServiceError(f"no connection named {name!r}")
@@ -1187,21 +1190,11 @@ class IkeService:
         if child_name is not None:
             children = [conn.children[child_name]]
         local_ip, remote_ip = await self._endpoints(conn)
-        larval = True
-        try:
-            spi = (await self.keying.getspi(ipaddress.ip_address(local_ip),
-                                            ipaddress.ip_address(remote_ip),
-                                            IpsecMode.ANY, 0)).to_bytes(4, "big")
-        except KeyingError as exc:
-            log.warning("ike: %s: GETSPI failed (%s): using a random SPI", name, exc)
-            spi, larval = _random_spi(), False
         config = self._ike_config(conn, children, local_ip, remote_ip)
         sa = IkeSa(config, initiator=True, local_addr=(local_ip, self.connections.settings.port),
-                   remote_addr=(remote_ip, conn.remote_port), child_spi=spi,
+                   remote_addr=(remote_ip, conn.remote_port), child_spi=b"",
                    spi_allocator=lambda: self._take_spare(rec))
         rec = self._new_record(conn, sa, local_ip)
-        if larval:
-            rec.larval.add(spi)
         rec.pending = children[1:]
         self._route(sa.spi_i, sa, rec)
         log.info("ike: %s initiating to %s:%d", rec.name, *sa.remote_addr)

@@ -248,6 +248,35 @@ def test_responder_picks_the_peer_config_by_identity_before_checking_auth() -> N
     assert [a[0] for a in asked] == [(IdType.FQDN, n) for n in (b"alice", b"bob", b"carol")]
 
 
+def test_initiator_takes_its_first_child_spi_when_the_ike_sa_init_answer_comes() -> None:
+    taken: list[str] = []
+
+    def allocate() -> bytes | None:
+        taken.append(i.state.name)
+        return b"\x0e\x0f\x10\x11"
+
+    i = IkeSa(config("i"), initiator=True, local_addr=I_ADDR, remote_addr=R_ADDR,
+              child_spi=b"", spi_allocator=allocate)
+    r = IkeSa(config("r"), initiator=False, local_addr=R_ADDR, remote_addr=I_ADDR,
+              child_spi=b"\xc0\x00\x00\x02")
+    assert not i.awaiting_child_spi
+    i.initiate(0.0)
+    assert i.awaiting_child_spi and not taken  # IKE_SA_INIT needs no SPI
+    pump(i, r)
+    assert taken == ["INIT_SENT"] and not i.awaiting_child_spi
+    (mine,) = [e for e in events(i) if isinstance(e, ChildSaEstablished)]
+    (theirs,) = [e for e in events(r) if isinstance(e, ChildSaEstablished)]
+    assert mine.inbound_spi == theirs.outbound_spi == b"\x0e\x0f\x10\x11"
+    # An allocator with nothing to give: the IKE SA cannot offer its Child SA and fails.
+    i = IkeSa(config("i"), initiator=True, local_addr=I_ADDR, remote_addr=R_ADDR,
+              child_spi=b"", spi_allocator=lambda: None)
+    r = IkeSa(config("r"), initiator=False, local_addr=R_ADDR, remote_addr=I_ADDR,
+              child_spi=b"\xc0\x00\x00\x02")
+    i.initiate(0.0)
+    pump(i, r)
+    assert i.state is State.FAILED
+
+
 def test_responder_takes_its_first_child_spi_from_the_allocator_when_given_none() -> None:
     spis = [b"\x0a\x0b\x0c\x0d"]
     i = IkeSa(config("i"), initiator=True, local_addr=I_ADDR, remote_addr=R_ADDR,

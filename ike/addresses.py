@@ -1,0 +1,13 @@
+"""Address literals parsed once: every IKE SA of a gateway names the same few local and peer
+addresses again (NAT hashes, PF_KEY requests, identities), and ``ipaddress`` parses text slowly."""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def ip_literal(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """``ipaddress.ip_address(text)``, cached (ValueError for what is not an address)."""
+    return ipaddress.ip_address(text)
