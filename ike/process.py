@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ike import connections as ike_connections
 from ike.control_cmds import register
-from ike.service import IkeService
+from ike.service import IkeService, NattHandler
 from userspace_ipsec.config import ConfigError
 from userspace_ipsec.control import ControlServer
 from userspace_ipsec.ike_relay import Datagram, Relay
@@ -54,22 +54,16 @@ def _die_with_parent(parent: int) -> None:
 async def serve(run_dir: RunDir, config_path: Path, relay_fd: int, own_natt: bool) -> None:
     config, connections = ike_connections.load(config_path)
     logging.getLogger().setLevel(config.daemon.log_level.upper())
-    handler: list[object] = [None]
-
-    def natt_in(datagram: Datagram) -> None:
-        fn = handler[0]
-        if callable(fn):
-            fn(datagram.message, datagram.peer, datagram.local)
-
-    relay = Relay(socket.socket(fileno=relay_fd), natt_in)
-    await relay.start()
+    relay = Relay(socket.socket(fileno=relay_fd), _ignore)  # until the service registers
 
     def natt_send(message: bytes, peer: tuple[str, int], source: str | None) -> bool:
         return relay.send(message, peer, (source, 0))
 
-    def natt_register(fn: object) -> None:
-        handler[0] = fn
+    def natt_register(handler: NattHandler | None) -> None:
+        relay.on_datagram = _ignore if handler is None else \
+            (lambda d: handler(d.message, d.peer, d.local))
 
+    await relay.start()
     service = IkeService(run_dir.pfkey_socket, config, connections=connections,
                          natt_send=None if own_natt else natt_send,
                          natt_register=None if own_natt else natt_register)
@@ -85,7 +79,7 @@ async def serve(run_dir: RunDir, config_path: Path, relay_fd: int, own_natt: boo
         await control.start()
         relay.send_ready()
         gc.freeze()  # what start-up made lives as long as we do: out of every GC scan
-        done, _ = await asyncio.wait(
+        await asyncio.wait(
             [asyncio.create_task(stop.wait()), asyncio.create_task(relay.closed.wait())],
             return_when=asyncio.FIRST_COMPLETED)
         if not stop.is_set():  # the daemon closed the relay without asking us to stop
@@ -95,6 +89,10 @@ async def serve(run_dir: RunDir, config_path: Path, relay_fd: int, own_natt: boo
         await control.close()
         await service.close()
         await relay.close()
+
+
+def _ignore(_datagram: Datagram) -> None:
+    pass
 
 
 def main(argv: list[str] | None = None) -> None:
