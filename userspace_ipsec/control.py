@@ -118,27 +118,59 @@ def request(path: Path, command: str, args: dict[str, Any] | None = None,
     return response.get("result")
 
 
-async def request_async(path: Path, command: str, args: dict[str, Any] | None = None,
-                        timeout: float = 30.0) -> Any:
-    """``request`` for a caller inside an event loop (the daemon asking its IKE process)."""
-    async def exchange() -> bytes:
-        reader, writer = await asyncio.open_unix_connection(str(path), limit=MAX_RESPONSE)
-        try:
-            writer.write(json.dumps({"command": command, "args": args or {}}).encode() + b"\n")
-            await writer.drain()
-            return await reader.readline()
-        finally:
-            writer.close()
+class ControlClient:
+    """``request`` for a caller inside an event loop (the daemon asking its IKE process),
+    over connections kept open between requests: ``stats`` is polled, and a connection set up
+    per request cost more than the answer. One request per connection at a time; a request
+    that fails or times out closes its connection."""
 
-    try:
-        line = await asyncio.wait_for(exchange(), timeout)
-    except TimeoutError:
-        raise ControlError(f"{command}: no answer within {timeout:g} s") from None
-    except (ValueError, asyncio.LimitOverrunError):
-        raise ControlError(f"{command}: answer too long") from None
-    if not line:
-        raise ControlError("the IKE process closed the control connection")
-    response = json.loads(line)
-    if not response.get("ok"):
-        raise ControlError(response.get("error", "request failed"))
-    return response.get("result")
+    def __init__(self, path: Path, keep: int = 4) -> None:
+        self.path = path
+        self.keep = keep
+        self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def request(self, command: str, args: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        line = json.dumps({"command": command, "args": args or {}}).encode() + b"\n"
+        conn = self._idle.pop() if self._idle else None
+        try:
+            try:
+                answer = await asyncio.wait_for(self._exchange(conn, line), timeout)
+            except (ControlError, ConnectionError):
+                if conn is None:
+                    raise
+                # A kept connection the other end has closed meanwhile: once more, afresh.
+                answer = await asyncio.wait_for(self._exchange(None, line), timeout)
+        except TimeoutError:
+            raise ControlError(f"{command}: no answer within {timeout:g} s") from None
+        except (ValueError, asyncio.LimitOverrunError):
+            raise ControlError(f"{command}: answer too long") from None
+        response = json.loads(answer)
+        if not response.get("ok"):
+            raise ControlError(response.get("error", "request failed"))
+        return response.get("result")
+
+    async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
+                        line: bytes) -> bytes:
+        if conn is None:
+            conn = await asyncio.open_unix_connection(str(self.path), limit=MAX_RESPONSE)
+        reader, writer = conn
+        kept = False
+        try:
+            writer.write(line)
+            await writer.drain()
+            answer = await reader.readline()
+            if not answer:
+                raise ControlError("the other end closed the control connection")
+            if len(self._idle) < self.keep:
+                self._idle.append(conn)
+                kept = True
+            return answer
+        finally:
+            if not kept:
+                writer.close()
+
+    def close(self) -> None:
+        for _, writer in self._idle:
+            writer.close()
+        self._idle.clear()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .control import ControlError, request_async
+from .control import ControlClient, ControlError
 from .ike_relay import Datagram, Relay
 from .rundir import RunDir
 
@@ -60,6 +60,7 @@ class IkeProcess:
         self._relay: Relay | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self._control = ControlClient(run_dir.ike_control_socket)
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -111,6 +112,7 @@ class IkeProcess:
             except TimeoutError:
                 log.error("daemon: the IKE process did not stop in %g s; killed", STOP_TIMEOUT)
                 await self._kill()
+        self._control.close()
         if self._watch is not None:
             self._watch.cancel()
         if self.natt is not None:
@@ -121,8 +123,7 @@ class IkeProcess:
     async def forward(self, command: str, args: dict[str, Any]) -> Any:
         """A control command answered by the IKE process."""
         try:
-            return await request_async(self.run_dir.ike_control_socket, command, args,
-                                       COMMAND_TIMEOUT)
+            return await self._control.request(command, args, COMMAND_TIMEOUT)
         except OSError as exc:
             raise ControlError(f"the IKE process does not answer: {exc}") from None
 
