@@ -1,7 +1,7 @@
 """How fast IKE SAs come up: N IKE SAs, each with one Child SA, between two gateways.
 
     python -m benchmarks.ike_setup                          # N = 1, 100, 1000; every case
-    python -m benchmarks.ike_setup --counts 1,100 --cases ours-ours,ours-strongswan
+    python -m benchmarks.ike_setup --counts 1,100 --cases ours-ours,ours-strongswan --runs 5
 
 Two namespaces, gwL 10.9.0.1 -- veth -- gwR 10.9.0.2, built afresh for each case and N. The
 responder has one connection whose selectors (10.200.0.0/16 === 10.100.0.0/16) it narrows to
@@ -21,9 +21,11 @@ established IKE SAs with their Child SAs installed (polled every 2% of the time 
   ``swanctl --load-conns``; done when ``swanctl --stats`` counts N IKE SAs, none half-open,
   and ``swanctl --list-sas`` N installed Child SAs.
 
-Printed per case and N: seconds, IKE SAs per second, and each case's rate as a ratio to
-strongswan-strongswan's for the same N. Every wait is bounded (``--timeout``); a case that does
-not finish in time is reported with how far it got.
+Each case and N runs ``--runs`` times (3), the cases taking turns, since one run of a few
+tenths of a second swings by a third on a shared machine (strongSwan's own as much as ours).
+Printed per case and N: the median seconds, the median IKE SAs per second with the spread of the
+runs, and the ratio of that median to strongswan-strongswan's for the same N. Every wait is
+bounded (``--timeout``); a run that does not finish in time is reported with how far it got.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import contextlib
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -308,14 +311,22 @@ CASES = ("ours-ours", "ours-strongswan", "strongswan-ours", "strongswan-strongsw
 
 
 def print_report(results: list[Result]) -> None:
-    reference = {r.count: r.rate for r in results if r.case == "strongswan-strongswan"}
-    print(f"\n{'initiator-responder':<24}{'N':>6}{'seconds':>10}{'IKE SAs/s':>11}"
-          f"{'vs swan-swan':>14}")
+    """Per case and N: the median over the runs, its spread, and the ratio of medians."""
+    runs: dict[tuple[str, int], list[Result]] = {}
     for r in results:
-        ref = reference.get(r.count)
-        ratio = f"{r.rate / ref:.2f}x" if ref else "-"
-        note = "" if r.done >= r.count else f"  (timed out: {r.done} up)"
-        print(f"{r.case:<24}{r.count:>6}{r.seconds:>10.2f}{r.rate:>11.1f}{ratio:>14}{note}")
+        runs.setdefault((r.case, r.count), []).append(r)
+    medians = {key: statistics.median(x.rate for x in rs) for key, rs in runs.items()}
+    print(f"\n{'initiator-responder':<24}{'N':>6}{'runs':>6}{'seconds':>10}"
+          f"{'IKE SAs/s median [min-max]':>30}{'vs swan-swan':>14}")
+    for (case, count), rs in runs.items():
+        ref = medians.get(("strongswan-strongswan", count))
+        ratio = f"{medians[case, count] / ref:.2f}x" if ref else "-"
+        rates = [x.rate for x in rs]
+        spread = f"{medians[case, count]:.1f} [{min(rates):.1f}-{max(rates):.1f}]"
+        late = [x for x in rs if x.done < x.count]
+        note = f"  ({len(late)} timed out, e.g. {late[0].done} up)" if late else ""
+        print(f"{case:<24}{count:>6}{len(rs):>6}{statistics.median(x.seconds for x in rs):>10.2f}"
+              f"{spread:>30}{ratio:>14}{note}")
 
 
 @click.command()
@@ -325,9 +336,12 @@ def print_report(results: list[Result]) -> None:
               help="Comma-separated initiator-responder cases.")
 @click.option("--timeout", default=300.0, show_default=True,
               help="Seconds to wait for one case and N.")
+@click.option("--runs", default=3, show_default=True, type=click.IntRange(1, 50),
+              help="Runs of each case and N (interleaved across cases); medians are shown.")
 @click.option("--logs", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Keep our daemons' logs in this directory.")
-def main(counts: str, case_names: str, timeout: float, logs: Path | None) -> None:
+def main(counts: str, case_names: str, timeout: float, runs: int,
+         logs: Path | None) -> None:
     """Time N IKE SAs (with a Child SA each) coming up, per implementation pair."""
     if os.geteuid() != 0:
         raise click.UsageError("run as root: the benchmark builds network namespaces")
@@ -356,11 +370,12 @@ def main(counts: str, case_names: str, timeout: float, logs: Path | None) -> Non
         logs.mkdir(parents=True, exist_ok=True)
     results = []
     for n in ns:
-        for case in cases:
-            print(f"{case}: {n} IKE SAs ...", file=sys.stderr, flush=True)
-            result = run_case(case, n, timeout, logs)
-            print(f"  {result.seconds:.2f} s, {result.rate:.1f}/s", file=sys.stderr)
-            results.append(result)
+        for _ in range(runs):  # interleaved, so that a noisy minute hits every case
+            for case in cases:
+                print(f"{case}: {n} IKE SAs ...", file=sys.stderr, flush=True)
+                result = run_case(case, n, timeout, logs)
+                print(f"  {result.seconds:.2f} s, {result.rate:.1f}/s", file=sys.stderr)
+                results.append(result)
     print(f"\nIKE SAs (each with one Child SA) set up at once, {os.cpu_count()} CPUs, "
           f"{IKE_PROPOSAL} / ESP {ESP_PROPOSAL}, PSK")
     print_report(results)
