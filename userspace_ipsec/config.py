@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import toml_lines
+
 
 class ConfigError(Exception):
     """A configuration problem, located: ``file:line: reason``."""
@@ -203,7 +205,7 @@ def loads(
     text: str, name: str = "<string>", *, extra_tables: set[str] | frozenset[str] = frozenset()
 ) -> Config:
     try:
-        doc = tomllib.loads(text)
+        doc = toml_lines.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         line = int(match.group(1)) if match else None
