@@ -14,15 +14,19 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_ike_ours import Conn, Side, render, wait_for
+from tests.daemon.daemon_proc import subprocess_env
+from tests.integration.test_ike_ours import PSK, Conn, Side, render, wait_for
 from tests.integration.test_manual_keying import ping
-from userspace_ipsec.lab import NetnsHarness, Topology, build_topology
+from userspace_ipsec.control import request
+from userspace_ipsec.lab import NetnsHarness, Topology, build_topology, link
 
 CONN = Conn("gcm128", 0, encap=True)
 
@@ -120,3 +124,49 @@ def test_ike_in_the_daemons_process_when_configured(
         _up(left, right, topo[1])
         left.cli("down", CONN.name)
         assert wait_for(lambda: not right.ike_sas(CONN.name) and not right.sad(), 10)
+
+
+def test_without_a_datapath_the_ike_process_binds_udp_4500_itself(tmp_path: Path) -> None:
+    """``--no-datapath``: nobody relays UDP 4500, so the IKE process opens it; forced
+    encapsulation moves IKE there after IKE_SA_INIT."""
+    with NetnsHarness() as h:
+        a, b = h.netns("a"), h.netns("b")
+        link(h, a, b, 9)
+        sides = []
+        for ns, me, peer in ((b, 2, 1), (a, 1, 2)):
+            run_dir = tmp_path / ns.role
+            run_dir.mkdir()
+            config = run_dir / "uipsec.toml"
+            config.touch(mode=0o600)
+            config.write_text(f"""[connections.c]
+local_addrs = ["10.9.0.{me}"]
+remote_addrs = ["10.9.0.{peer}"]
+encap = true
+[connections.c.children.net]
+local_ts = ["10.{me}.0.0/24"]
+remote_ts = ["10.{peer}.0.0/24"]
+[secrets.psk.all]
+secret = "{PSK}"
+""")
+            log = (run_dir / "daemon.log").open("wb")
+            proc = ns.spawn(sys.executable, "-m", "userspace_ipsec.cli", "-v", "--run-dir",
+                            str(run_dir), "daemon", "--no-datapath", "--config", str(config),
+                            stdout=log, stderr=subprocess.STDOUT, env=subprocess_env())
+            log.close()
+            sides.append((proc, run_dir))
+        try:
+            for _, run_dir in sides:
+                assert wait_for(lambda d=run_dir: "IKE service running" in
+                                (d / "daemon.log").read_text(), 30), \
+                    (run_dir / "daemon.log").read_text()[-3000:]
+                assert "and 4500" in (run_dir / "daemon.log").read_text()  # its own socket
+            (_, right_dir), (_, left_dir) = sides
+            request(left_dir / "control.sock", "up", {"name": "c", "timeout": 20}, timeout=40)
+            status = request(left_dir / "control.sock", "status")["ike_sas"]
+            assert status[0]["state"] == "established" and status[0]["remote_port"] == 4500
+            assert wait_for(lambda: request(right_dir / "control.sock", "status")["ike_sas"],
+                            10)
+        finally:
+            for proc, _ in sides:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=40)
