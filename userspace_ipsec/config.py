@@ -8,6 +8,7 @@ connections) add their own tables and check them the same way.
 from __future__ import annotations
 
 import ipaddress
+import pwd
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class DaemonConfig:
     # IKE negotiates in a process of its own (keying this one through PF_KEY, as racoon keys a
     # kernel): two cores share the work of many tunnels. False: one process does everything.
     ike_process: bool = True
+    # racoon's privsep: the IKE process, once its sockets are open, runs as this user; the
+    # daemon then reads the configuration (root's, 0600) for it on reload.
+    ike_user: str | None = None
 
 
 @dataclass(slots=True)
@@ -119,6 +123,7 @@ def parse_daemon_table(
         "acquire_interval": (int, float),
         "log_level": str,
         "ike_process": bool,
+        "ike_user": str,
     }
     for key, value in table.items():
         where = locate.line_of("daemon", key)
@@ -129,9 +134,17 @@ def parse_daemon_table(
             raise ConfigError(path, where, f"daemon.{key} must be positive")
         if key == "log_level" and value not in _LOG_LEVELS:
             raise ConfigError(path, where, f"daemon.log_level must be one of {_LOG_LEVELS}")
+        if key == "ike_user":
+            try:
+                pwd.getpwnam(value)
+            except KeyError:
+                raise ConfigError(path, where, f"daemon.ike_user: no user {value!r}") from None
         if known[key] == (int, float):
             value = float(value)
         setattr(config, key, value)
+    if config.ike_user is not None and not config.ike_process:
+        raise ConfigError(path, locate.line_of("daemon", "ike_user"),
+                          "daemon.ike_user needs the IKE process (ike_process = true)")
     return config
 
 

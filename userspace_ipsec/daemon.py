@@ -11,16 +11,18 @@ cleanly on SIGTERM/SIGINT (removing its sockets, routes and TUN) and reloads on 
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
 import json
 import logging
+import pickle
 import signal
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import Config, DaemonConfig
+from .config import Config, ConfigError, DaemonConfig
 from .control import ControlError, ControlServer
 from .ike_process import FORWARDED, IkeProcess
 from .kernel import Delivery, Kernel, KernelOptions
@@ -180,7 +182,8 @@ class Daemon:
             raise ControlError("no IKE connections were configured at start: nothing to reload")
         try:
             if self.ike_process is not None:
-                result: dict[str, list[str]] = await self.ike_process.forward("reload", {})
+                result: dict[str, list[str]] = await self.ike_process.forward(
+                    "reload", self._handed_over_config())
             else:
                 from ike.control_cmds import reload
 
@@ -191,6 +194,20 @@ class Daemon:
             raise
         log.info("daemon: reloaded %s", self.config.source)
         return result
+
+    def _handed_over_config(self) -> dict[str, str]:
+        """An unprivileged IKE process cannot read the configuration (root's, 0600): it gets
+        it parsed from us, as racoon's privsep child asks its parent for what it may not
+        read. Empty when it reads the file itself."""
+        if self.ike_process is None or self.config.daemon.ike_user is None:
+            return {}
+        from ike import connections as ike_connections
+
+        try:
+            _, connections = ike_connections.load(self.ike_process.config_path)
+        except ConfigError as exc:
+            raise ControlError(f"configuration refused, nothing changed: {exc}") from None
+        return {"connections": base64.b64encode(pickle.dumps(connections)).decode()}
 
     def _reload_in_background(self) -> None:
         task = asyncio.get_running_loop().create_task(self.reload())

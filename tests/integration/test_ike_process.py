@@ -23,9 +23,19 @@ from pathlib import Path
 import pytest
 
 from tests.daemon.daemon_proc import subprocess_env
-from tests.integration.test_ike_ours import PSK, Conn, Side, render, wait_for
+from tests.integration.test_ike_ours import (
+    BY_NAME,
+    PROPOSALS,
+    PSK,
+    Conn,
+    Side,
+    add_wan_addresses,
+    render,
+    wait_for,
+)
 from tests.integration.test_manual_keying import ping
-from userspace_ipsec.control import request
+from userspace_ipsec.config import ConfigError, load
+from userspace_ipsec.control import ControlError, request
 from userspace_ipsec.lab import NetnsHarness, Topology, build_topology, link
 
 CONN = Conn("gcm128", 0, encap=True)
@@ -35,7 +45,7 @@ CONN = Conn("gcm128", 0, encap=True)
 def topo() -> Iterator[tuple[NetnsHarness, Topology]]:
     with NetnsHarness() as h:
         topology = build_topology(h)
-        topology.gw_r.add_addr(topology.gw_r_wan.dev, f"{CONN.right_addr()}/24")
+        add_wan_addresses(topology)  # gwR's address of each of test_ike_ours's connections
         yield h, topology
 
 
@@ -170,3 +180,69 @@ secret = "{PSK}"
             for proc, _ in sides:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=40)
+
+
+def _status_fields(pid: int) -> dict[str, str]:
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in lines)}
+
+
+def test_privilege_separation_runs_ike_as_nobody_and_reloads_through_the_daemon(
+        topo: tuple[NetnsHarness, Topology], tmp_path: Path) -> None:
+    daemon_table = '[daemon]\nike_user = "nobody"\n\n'
+    with _sides(topo, tmp_path, left_daemon=daemon_table) as (left, right):
+        ike = left.control("stats")["ike"]["pid"]
+        status = _status_fields(ike)
+        assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
+        assert int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0
+        assert status["NoNewPrivs"] == "1"
+        _up(left, right, topo[1])  # its sockets and its PF_KEY connection were opened as root
+        # The configuration is root's (0600): the daemon reads it for the IKE process.
+        config = left.run_dir / "uipsec.toml"
+        assert config.stat().st_mode & 0o077 == 0
+        extra = Conn("extra", 1, left_ts="10.21.0.0/24", right_ts="10.24.0.0/24")
+        config.write_text(daemon_table + render([CONN, extra], left=True))
+        assert left.control("reload") == {"added": ["extra"], "changed": [], "removed": []}
+        assert "extra" in left.control("status")["connections"]
+        assert left.established(CONN.name) is not None  # unchanged: still up
+        config.write_text(daemon_table + "[connections.broken]\n")
+        with pytest.raises(ControlError, match="configuration refused, nothing changed"):
+            left.control("reload")
+        assert sorted(left.control("status")["connections"]) == ["extra", CONN.name]
+        assert _alive(ike) and _ppid(ike) == left.gw.proc.pid
+
+
+def test_an_unknown_ike_user_is_refused_with_file_and_line(tmp_path: Path) -> None:
+    config = tmp_path / "u.toml"
+    config.write_text('[daemon]\nike_user = "no-such-user-here"\n')
+    with pytest.raises(ConfigError, match=r"u.toml:2: daemon.ike_user: no user"):
+        load(config)
+    config.write_text('[daemon]\nike_process = false\nike_user = "nobody"\n')
+    with pytest.raises(ConfigError, match="needs the IKE process"):
+        load(config)
+
+
+def test_privilege_separated_ike_negotiates_every_suite_and_rekeys_with_pfs(
+        topo: tuple[NetnsHarness, Topology], tmp_path: Path) -> None:
+    """What the IKE process loads on first use (every cipher and DH group) was loaded before
+    it became nobody: each suite comes up, and a Child SA rekey with PFS goes through."""
+    conns = [BY_NAME[name] for name in (*PROPOSALS, "rekey")]
+    h, t = topo
+    daemon_table = '[daemon]\nike_user = "nobody"\n\n'
+    right = Side(h, t.gw_r, tmp_path / "gwR", render(conns, left=False))
+    left = Side(h, t.gw_l, tmp_path / "gwL", daemon_table + render(conns, left=True))
+    try:
+        for conn in conns:
+            left.cli("up", conn.name, "--timeout", "20")
+            assert wait_for(lambda c=conn: right.established(c.name), 10), left.log_tail()
+            assert ping(t.host_l, t.host_r_lan.ip4) == 5, left.log_tail()
+            if conn.name == "rekey":  # gwL rekeys its Child SA every 3 s, with x25519
+                assert wait_for(lambda: ", rekeys " in left.gw.log.read_text(), 15), \
+                    left.log_tail()
+            left.cli("down", conn.name)
+            assert wait_for(lambda c=conn: not right.ike_sas(c.name), 10), right.log_tail()
+        assert "ModuleNotFoundError" not in left.gw.log.read_text()
+    finally:
+        for side in (left, right):
+            side.gw.proc.send_signal(signal.SIGTERM)
+            side.gw.proc.wait(timeout=40)
