@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ike.addresses import network_literal
 from ike.constants import IdType
 from ike.payloads import TrafficSelector
 from ike.proposals import DEFAULT_ESP, DEFAULT_IKE, ProposalError, ProposalSpec, parse_proposal
@@ -292,12 +293,6 @@ _parse_ts_cached = functools.lru_cache(maxsize=1 << 16)(parse_ts)
 @functools.lru_cache(maxsize=1 << 12)
 def _parse_proposal_cached(text: str, kind: str, allow_weak: bool) -> ProposalSpec:
     return parse_proposal(text, kind, allow_weak=allow_weak)  # type: ignore[arg-type]
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def network_literal(text: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
-    """``text`` as an address or prefix (ValueError if it is neither, e.g. a host name)."""
-    return ipaddress.ip_network(text, strict=False)
 
 
 # -- parsing --------------------------------------------------------------------------------

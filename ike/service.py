@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ike.addresses import ip_literal
+from ike.addresses import ip_literal, network_literal
 from ike.config import IkeConfig
 from ike.connections import (
     ChildConfig,
@@ -34,7 +34,6 @@ from ike.connections import (
     address_identity,
     format_identity,
     from_config,
-    network_literal,
 )
 from ike.constants import DhId, EncrId, ExchangeType, HeaderFlag, IntegId, PrfId
 from ike.core import TERMINAL, ChildState, State
