@@ -276,25 +276,19 @@ class Datapath:
         if inbound is None:
             return
         batch = self._batch
-        views, slot_of, offset, length, addrs = (
-            batch.views, batch.slot, batch.offset, batch.length, batch.addr)
-        marker = NON_ESP_MARKER
+        other: list[int] = []  # datagrams that are not ESP: IKE, keepalives, junk
         for _ in range(MAX_BATCHES):
             n = sock.recv_batch(batch)
             if not n:
                 break
-            esp = []
-            for i in range(n):
-                off = offset[i]
-                view = views[slot_of[i]][off:off + length[i]]
-                if length[i] >= 8 and view[:4] != marker:
-                    esp.append(view)
-                else:
-                    self._control(sock, view, addrs[i])
-            if esp:
-                self.counters.esp_received += len(esp)
-                inbound.process(esp, self.clock())
-            if n < BATCH:
+            datagrams = batch.all_views()
+            inbound.process(datagrams, self.clock(), other)
+            self.counters.esp_received += n - len(other)
+            if other:
+                for i in other:
+                    self._control(sock, datagrams[i], batch.source(i))
+                other.clear()
+            if batch.used < BATCH:
                 break
 
     def handle_raw(self, sock: RawEspSocket) -> None:
@@ -307,7 +301,7 @@ class Datapath:
             if not n:
                 break
             self.counters.esp_received += n
-            inbound.process([batch.view(i) for i in range(n)], self.clock())
+            inbound.process(batch.all_views(), self.clock())
             if n < BATCH:
                 break
 

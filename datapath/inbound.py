@@ -5,6 +5,11 @@ SAs goes to the one whose destination is a local address. After decryption the i
 (tunnel mode: as is; transport mode: rebuilt with the SA's addresses) must match an ``in`` or
 ``fwd`` ipsec policy whose ESP template this SA satisfies (RFC 4301 5.2), else it is dropped
 and counted as a policy mismatch.
+
+A TCP stream's packets take a shortcut: a packet of the same SA that continues the TUN
+writer's pending run (``TunWriter.append``: same addresses, ports and headers, next sequence
+number) has that run's policy verdict, so it is neither parsed nor looked up, and its counts
+are added to the SA once per run. Every step costs hundreds of interpreter instructions here.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ _FWD = int(PolicyDir.FWD)
 _IPSEC = PolicyType.IPSEC
 _TRANSPORT = IpsecMode.TRANSPORT
 _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
-_SPI = struct.Struct("!I")
+_HDR = struct.Struct("!II")  # SPI, sequence number: 8 bytes or it is not ESP
 
 
 class Inbound:
@@ -48,8 +53,11 @@ class Inbound:
         self._allowed: dict[tuple[SecurityAssociation, bytes, bytes, int, int, int], bool] = {}
         self._spd_generation = -1
 
-    def process(self, packets: Sequence[Buffer], now: float) -> None:
-        """Open a batch of ESP packets (each from the SPI on) and write them to the TUN."""
+    def process(self, packets: Sequence[Buffer], now: float,
+                other: list[int] | None = None) -> None:
+        """Open a batch of ESP packets (each from the SPI on) and write them to the TUN.
+        With ``other`` (UDP 4500), the indices of datagrams that are not ESP (shorter than 8
+        bytes or SPI 0: the RFC 3948 non-ESP marker) are appended to it, not opened."""
         table = self.table
         spd_generation = self.kernel.spd.generation
         if table.refresh() or spd_generation != self._spd_generation:
@@ -59,11 +67,27 @@ class Inbound:
         stats = self.stats
         buf = self._buf
         allowed = self._allowed
-        push = self.writer.push
+        writer = self.writer
+        push, append = writer.push, writer.append
         marked: list[SecurityAssociation] = []
         delivered = 0
-        for esp in packets:
-            ctx = by_spi.get(_SPI.unpack_from(esp)[0]) if len(esp) >= 4 else None
+        # The SA whose packet the writer's pending run started with: a packet of that SA
+        # which continues the run (writer.append) has the run's addresses, protocol and
+        # ports, so the policy verdict is the run's. Its counts are kept here until it ends.
+        run_sa: SecurityAssociation | None = None
+        run_packets = run_bytes = 0
+        for i, esp in enumerate(packets):
+            try:
+                spi = _HDR.unpack_from(esp)[0]
+            except struct.error:
+                spi = 0
+            if not spi:
+                if other is not None:
+                    other.append(i)
+                else:
+                    stats.no_sa += 1
+                continue
+            ctx = by_spi.get(spi)
             if ctx is None:
                 stats.no_sa += 1
                 continue
@@ -73,12 +97,16 @@ class Inbound:
             except EspDrop as drop:
                 self._dropped(sa, drop.reason)
                 continue
-            size = end - _HEADROOM
             if (nh == 4 or nh == 41) and sa.mode != _TRANSPORT:
                 inner: Buffer = buf[_HEADROOM:end]
+                if sa is run_sa and append(inner):
+                    run_packets += 1
+                    run_bytes += end - _HEADROOM
+                    continue
             else:
                 try:
-                    inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, size, ctx.natt)
+                    inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, end - _HEADROOM,
+                                          ctx.natt)
                 except (MalformedPacket, ValueError):
                     stats.malformed += 1
                     continue
@@ -96,18 +124,27 @@ class Inbound:
             if not ok:
                 stats.policy_mismatch += 1
                 continue
-            sa.packets_in += 1
-            sa.bytes_in += size
-            if (sa.packets_in + sa.packets_out >= sa.packet_mark
-                    or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
-                marked.append(sa)
+            if run_sa is not None:
+                delivered += self._count(run_sa, run_packets, run_bytes, marked)
+            run_sa, run_packets, run_bytes = sa, 1, end - _HEADROOM
             push(inner)
-            delivered += 1
-        self.writer.flush()
+        if run_sa is not None:
+            delivered += self._count(run_sa, run_packets, run_bytes, marked)
+        writer.flush()
         stats.opened += delivered
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
+
+    @staticmethod
+    def _count(sa: SecurityAssociation, packets: int, octets: int,
+               marked: list[SecurityAssociation]) -> int:
+        sa.packets_in += packets
+        sa.bytes_in += octets
+        if (sa.packets_in + sa.packets_out >= sa.packet_mark
+                or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
+            marked.append(sa)
+        return packets
 
     def _allowed_by_policy(self, sa: SecurityAssociation, src: bytes, dst: bytes, proto: int,
                            sport: int, dport: int) -> bool:

@@ -43,14 +43,17 @@ Buffer = bytes | bytearray | memoryview
 
 
 class DatagramBatch:
-    """Preallocated receive slots and the datagrams found in them by the last recv_batch.
+    """Preallocated receive slots and the datagrams the last recv_batch put in them.
 
-    Datagram i is ``view(i)``: length[i] bytes at offset[i] of slot slot[i], from addr[i]. One
-    slot holds several datagrams when GRO coalesced them, and for raw IPv4 the offset skips the
-    IP header.
+    Receive k filled slot k (k < ``used``): ``got[k]`` bytes from ``addr[k]`` starting at
+    ``offset[k]`` (raw IPv4: past the IP header), cut into datagrams of ``seg[k]`` bytes, the
+    last possibly shorter (GRO coalesced them; a plain receive is one datagram). ``count`` is
+    the number of datagrams; ``all_views()`` lists them in order, ``view(i)`` and ``source(i)``
+    find one (slow path). Nothing per datagram is stored: a receive costs the same whether GRO
+    put 1 or 45 datagrams in it.
     """
 
-    __slots__ = ("size", "buffers", "views", "slot", "offset", "length", "addr", "count",
+    __slots__ = ("size", "buffers", "views", "got", "seg", "offset", "addr", "used", "count",
                  "_iovs")
 
     def __init__(self, slots: int, size: int = MAX_DATAGRAM) -> None:
@@ -60,20 +63,48 @@ class DatagramBatch:
         self.buffers = [bytearray(size) for _ in range(slots)]
         self.views = [memoryview(b) for b in self.buffers]
         self._iovs = [[v] for v in self.views]
-        cap = slots * _SPLIT_MAX
-        self.slot = [0] * cap
-        self.offset = [0] * cap
-        self.length = [0] * cap
-        self.addr: list[Address] = [()] * cap
+        self.got = [0] * slots
+        self.seg = [0] * slots
+        self.offset = [0] * slots
+        self.addr: list[Address] = [()] * slots
+        self.used = 0
         self.count = 0
 
+    def all_views(self) -> list[memoryview]:
+        out: list[memoryview] = []
+        for k in range(self.used):
+            off = self.offset[k]
+            end = off + self.got[k]
+            seg = self.seg[k]
+            view = self.views[k][:end]
+            if seg >= end - off:
+                out.append(view[off:])
+            else:
+                out += [view[at:at + seg] for at in range(off, end, seg)]
+        return out
+
+    def _locate(self, i: int) -> tuple[int, int]:
+        if not 0 <= i < self.count:
+            raise IndexError(f"datagram {i} of {self.count}")
+        for k in range(self.used):
+            seg = self.seg[k]
+            n = -(-self.got[k] // seg) if seg else 1
+            if i < n:
+                return k, i
+            i -= n
+        raise IndexError(i)
+
     def view(self, i: int) -> memoryview:
-        off = self.offset[i]
-        return self.views[self.slot[i]][off: off + self.length[i]]
+        k, j = self._locate(i)
+        start = self.offset[k] + j * self.seg[k]
+        return self.views[k][start:min(start + self.seg[k], self.offset[k] + self.got[k])]
+
+    def source(self, i: int) -> Address:
+        return self.addr[self._locate(i)[0]]
 
     def datagrams(self) -> list[bytes]:
         """Copies of this batch's datagrams (for tests and slow paths, not the hot loop)."""
-        return [bytes(self.view(i)) for i in range(self.count)]
+        return [bytes(v) for v in self.all_views()]
 
 
 @dataclass(slots=True)
@@ -185,8 +216,8 @@ class UdpSocket(_OuterSocket):
             return self._recv_gro(batch, limit)
         slots = len(batch.buffers) if limit is None else min(limit, len(batch.buffers))
         recv = self.sock.recvfrom_into
-        views, size, length, addrs, slot_of, offset = (
-            batch.views, batch.size, batch.length, batch.addr, batch.slot, batch.offset)
+        views, size, got_of, seg_of, addrs, offset = (
+            batch.views, batch.size, batch.got, batch.seg, batch.addr, batch.offset)
         n = 0
         while n < slots:
             try:
@@ -200,20 +231,19 @@ class UdpSocket(_OuterSocket):
             if got > size:
                 self.stats.rx_dropped += 1
                 continue
-            slot_of[n] = n
+            got_of[n] = seg_of[n] = got
             offset[n] = 0
-            length[n] = got
             addrs[n] = addr
             n += 1
-        batch.count = n
+        batch.used = batch.count = n
         self.stats.rx_datagrams += n
         return n
 
     def _recv_gro(self, batch: DatagramBatch, limit: int | None) -> int:
         slots = len(batch.buffers) if limit is None else min(limit, len(batch.buffers))
         recvmsg = self.sock.recvmsg_into
-        iovs, length, addrs, slot_of, offset = (
-            batch._iovs, batch.length, batch.addr, batch.slot, batch.offset)
+        iovs, got_of, seg_of, addrs, offset = (
+            batch._iovs, batch.got, batch.seg, batch.addr, batch.offset)
         n = 0
         s = 0
         while s < slots:
@@ -233,18 +263,17 @@ class UdpSocket(_OuterSocket):
                 if level == SOL_UDP and kind == UDP_GRO and len(data) >= 4:
                     seg = int.from_bytes(data[:4], sys.byteorder) or got
             if seg >= got:
-                slot_of[n], offset[n], length[n], addrs[n] = s, 0, got, addr
+                seg = got
                 n += 1
             else:
-                if got > seg * _SPLIT_MAX:  # cannot come from the kernel; never overrun
+                if got > seg * _SPLIT_MAX:  # cannot come from the kernel; refuse to split
                     self.stats.rx_dropped += 1
                     continue
                 self.stats.rx_gro_buffers += 1
-                for off in range(0, got, seg):
-                    slot_of[n], offset[n], addrs[n] = s, off, addr
-                    length[n] = min(seg, got - off)
-                    n += 1
+                n += -(-got // seg)
+            got_of[s], seg_of[s], offset[s], addrs[s] = got, seg, 0, addr
             s += 1
+        batch.used = s
         batch.count = n
         self.stats.rx_datagrams += n
         return n
@@ -284,7 +313,14 @@ class UdpSocket(_OuterSocket):
         sent = 0
         i = 0
         total = len(datagrams)
-        lens = [memoryview(d).nbytes for d in datagrams]
+        lens = list(map(len, datagrams))  # (byte buffers: len is the size)
+        seg = lens[0] if total else 0
+        if (self.gso and 1 < total <= GSO_MAX_SEGMENTS and lens[-1] <= seg
+                and lens.count(seg) >= total - 1 and sum(lens) <= self._max_payload):
+            # The common case, a stream's batch: one run, found without a loop.
+            if self._send_gso(datagrams, seg, addr):
+                return total
+            return sum(self.send(d, addr) for d in datagrams)
         while i < total:
             seg = lens[i]
             j = i + 1
@@ -372,12 +408,11 @@ class RawEspSocket(_OuterSocket):
                 if first >> 4 != 4 or off < 20 or off > got:
                     self.stats.rx_dropped += 1
                     continue
-            batch.slot[n] = n
             batch.offset[n] = off
-            batch.length[n] = got - off
+            batch.got[n] = batch.seg[n] = got - off
             batch.addr[n] = addr
             n += 1
-        batch.count = n
+        batch.used = batch.count = n
         self.stats.rx_datagrams += n
         return n
 

@@ -10,7 +10,8 @@ only where a device needs that).
 
 Without a vnet header (or for anything else) packets are written one by one, unchanged, by
 ``write_one`` (``TunDevice.write``, which counts its own refusals).
-``push`` queues or writes; ``flush`` must end every batch.
+``push`` queues or writes; ``append`` only continues the pending run (the receive path's
+shortcut for a stream: see datapath.inbound); ``flush`` must end every batch.
 """
 
 from __future__ import annotations
@@ -27,23 +28,31 @@ _ZERO_VNET = bytes(_VNET.size)
 _NEEDS_CSUM = 1
 _GSO_TCPV4 = 1
 _ADDRS = struct.Struct("!HHHH")
-# IPv4 + TCP fields GRO compares: version/IHL, TOS, total length, (id), fragment, TTL, protocol,
-# (checksum), addresses and ports, sequence, ack, data offset, flags, window.
-_TCP4 = struct.Struct("!BBH2xHBB2x12sIIBBH")
 _U16 = struct.Struct("!H")
 MAX_SEGMENTS = 64  # the kernel's GRO bound (MAX_GSO_SEGS is larger; keep to GRO's)
 MAX_GSO_BYTES = 65535
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.EINVAL, errno.EIO)
+_PSH = 0x08
 
 Buffer = bytes | bytearray | memoryview
+
+
+def _run_header(hlen: int) -> struct.Struct:
+    """The IPv4 + TCP header fields (``hlen`` bytes) that must be equal across a run: all but
+    total length, IPv4 id and checksum, sequence number, flags (_VARIABLE) and TCP checksum."""
+    return struct.Struct(f"!H4xI2xQI4xIBxH2xH{hlen - 40}s")
+
+
+_RUN_HEADERS = {hlen: _run_header(hlen) for hlen in range(40, 81, 4)}  # TCP data offset 5-15
+_VARIABLE = struct.Struct("!2xH20xI5xB")  # total length, sequence number, TCP flags
 
 
 class TunWriter:
     """Packet writer for one TUN fd (``vnet``: the device has IFF_VNET_HDR)."""
 
     __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "_buf", "_view",
-                 "_count", "_size", "_hlen", "_mss", "_next_seq", "_short", "_key", "_same",
-                 "_psh")
+                 "_count", "_size", "_hlen", "_mss", "_next_seq", "_short", "_psh", "_header",
+                 "_template")
 
     def __init__(self, fd: int, write_one: Callable[[Buffer], bool], *, vnet: bool) -> None:
         self.fd = fd
@@ -60,55 +69,68 @@ class TunWriter:
         self._mss = 0
         self._next_seq = 0
         self._short = False  # the last pending segment was shorter than the MSS
-        self._key = b""  # addresses and ports
-        self._same: tuple[int, int, int, int, bytes] = (0, 0, 0, 0, b"")  # TOS, TTL, ack,
-        # window, options: must match to merge
         self._psh = 0
+        # The fields of the run's header that a packet must repeat to join it, and the
+        # struct that reads them; None: no run.
+        self._header = _RUN_HEADERS[40]
+        self._template: tuple[object, ...] | None = None
+
+    def append(self, pkt: Buffer) -> bool:
+        """Add ``pkt`` to the pending run if it continues it (the next in-order segment of the
+        same flow with equal headers, as Linux's GRO requires); False changes nothing.
+
+        Two struct reads and a tuple compare, not a parse: this is the per-packet path of a
+        TCP stream through the receiving gateway."""
+        try:
+            if self._header.unpack_from(pkt) != self._template:
+                return False
+        except struct.error:  # shorter than the run's headers
+            return False
+        total, seq, flags = _VARIABLE.unpack_from(pkt)
+        hlen = self._hlen
+        plen = total - hlen
+        size = self._size
+        if (seq != self._next_seq or flags & ~_PSH != 0x10 or self._short
+                or not 0 < plen <= self._mss or total > len(pkt)
+                or size + plen > MAX_GSO_BYTES or self._count >= MAX_SEGMENTS):
+            return False
+        self._buf[size:size + plen] = pkt[hlen:total]
+        self._size = size + plen
+        self._count += 1
+        self._next_seq = (seq + plen) & 0xFFFFFFFF
+        self._short = plen < self._mss
+        if flags & _PSH:
+            self._psh = _PSH
+            self.flush()
+        return True
 
     def push(self, pkt: Buffer) -> None:
         """Write ``pkt`` (an IP packet), or keep it to merge with the next ones."""
-        n = len(pkt)
-        if self.vnet and n > 40:
-            vihl, tos, total, frag, ttl, proto, key, seq, ack, doff, flags, window = \
-                _TCP4.unpack_from(pkt)
-            if vihl == 0x45 and proto == 6 and not frag & 0x3FFF and (
-                    flags == 0x10 or flags == 0x18):
-                hlen = 20 + (doff >> 4) * 4
-                plen = total - hlen
-                if hlen >= 40 and plen > 0 and total <= n:
-                    same = (tos, ttl, ack, window, bytes(pkt[40:hlen]) if hlen > 40 else b"")
-                    size = self._size
-                    if (self._count and seq == self._next_seq and not self._short
-                            and plen <= self._mss and hlen == self._hlen
-                            and size + plen <= MAX_GSO_BYTES
-                            and self._count < MAX_SEGMENTS and key == self._key
-                            and same == self._same):
-                        self._buf[size:size + plen] = pkt[hlen:total]
-                        self._size = size + plen
-                        self._count += 1
-                        self._next_seq = (seq + plen) & 0xFFFFFFFF
-                        self._short = plen < self._mss
-                        if flags & 0x08:
-                            self._psh = 0x08
-                            self.flush()
-                        return
-                    if self._count:
-                        self.flush()
-                    self._buf[:total] = pkt[:total]
-                    self._count = 1
-                    self._size = total
-                    self._hlen = hlen
-                    self._mss = plen
-                    self._next_seq = (seq + plen) & 0xFFFFFFFF
-                    self._short = False
-                    self._key = key
-                    self._same = same
-                    self._psh = flags & 0x08
-                    if self._psh:
-                        self.flush()
-                    return
+        if self._count and self.append(pkt):
+            return
         if self._count:
             self.flush()
+        n = len(pkt)
+        if self.vnet and n > 40 and pkt[0] == 0x45 and pkt[9] == 6:
+            total = (pkt[2] << 8) | pkt[3]
+            hlen = 20 + (pkt[32] >> 4) * 4
+            flags = pkt[33]
+            if (not (pkt[6] & 0x3F or pkt[7]) and (flags == 0x10 or flags == 0x18)
+                    and hlen >= 40 and hlen < total <= n):
+                self._buf[:total] = pkt[:total]
+                self._count = 1
+                self._size = total
+                self._hlen = hlen
+                self._mss = total - hlen
+                self._next_seq = (int.from_bytes(pkt[24:28], "big") + total - hlen) & 0xFFFFFFFF
+                self._short = False
+                self._psh = flags & _PSH
+                if self._psh:
+                    self.flush()
+                    return
+                header = self._header = _RUN_HEADERS[hlen]
+                self._template = header.unpack_from(pkt)
+                return
         self.write_one(pkt)
 
     def flush(self) -> None:
@@ -117,6 +139,7 @@ class TunWriter:
         if not count:
             return
         self._count = 0
+        self._template = None
         size = self._size
         view = self._view
         if count == 1:

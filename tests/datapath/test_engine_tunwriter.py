@@ -111,3 +111,31 @@ def test_without_vnet_header_everything_is_written_singly() -> None:
         writer.push(p)
     writer.flush()
     assert sent == packets
+
+
+def test_every_field_gro_compares_breaks_a_run() -> None:
+    """The run's header template: TTL, TOS, DF, window and options must repeat; id and
+    checksums may change. A packet shorter than the run's headers is not appended."""
+    sink = Sink()
+    writer = sink.writer
+    assert not writer.append(seg(1000))  # no run yet
+    writer.push(seg(1000))
+
+    def variant(**fields: object) -> bytes:
+        pkt = IP(seg(2000))
+        for name, value in fields.items():
+            layer = pkt[TCP] if name in ("window", "options") else pkt
+            setattr(layer, name, value)
+        del pkt[IP].chksum, pkt[TCP].chksum
+        return bytes(pkt)
+
+    for changed in (variant(ttl=7), variant(tos=4), variant(flags=0), variant(window=9),
+                    variant(options=[("Timestamp", (1, 3))])):
+        assert not writer.append(changed)
+    assert not writer.append(seg(2000)[:40])
+    assert writer.append(variant(id=99))  # the id may differ
+    assert writer.append(seg(3000, 10))  # a short segment ends the run ...
+    assert not writer.append(seg(3010))
+    writer.flush()
+    ((_, packet),) = sink.gso()
+    assert len(packet) == 52 + 2 * MSS + 10 and sink.singles == []

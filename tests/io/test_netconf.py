@@ -52,7 +52,7 @@ def _tun_udp(tun: TunDevice) -> list[IP | IPv6]:
 
 def _received(sock: UdpSocket) -> list[tuple[bytes, str]]:
     batch = DatagramBatch(8, 2048)
-    got = collect(lambda: [(bytes(batch.view(i)), batch.addr[i][0])
+    got = collect(lambda: [(bytes(batch.view(i)), batch.source(i)[0])
                            for i in range(sock.recv_batch(batch))], 1, timeout=1.0)
     return got
 

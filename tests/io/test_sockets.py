@@ -77,8 +77,9 @@ def test_gro_receive_splits_a_coalesced_buffer(ab: tuple[Netns, Netns], family: 
     batch = DatagramBatch(4)
     assert _drain(rx, 21, batch) == sent
     assert rx.stats.rx_gro_buffers == 1
-    assert {batch.slot[i] for i in range(21)} == {0}  # all from one receive buffer
-    assert batch.offset[20] == 20 * 1200 and batch.length[20] == 77
+    assert batch.used == 1 and batch.count == 21  # all from one receive buffer
+    assert (batch.got[0], batch.seg[0]) == (20 * 1200 + 77, 1200)
+    assert len(batch.view(20)) == 77 and batch.view(20).obj is batch.buffers[0]
 
 
 def test_gro_socket_gives_the_same_datagrams_for_single_sends(ab: tuple[Netns, Netns]) -> None:
@@ -166,7 +167,7 @@ def test_raw_esp_between_namespaces(ab: tuple[Netns, Netns], family: int, dst: s
     for pkt in esp:
         assert ta.send(pkt, dst)
     batch = DatagramBatch(8, 2048)
-    got = collect(lambda: [(bytes(batch.view(i)), batch.addr[i][0])
+    got = collect(lambda: [(bytes(batch.view(i)), batch.source(i)[0])
                            for i in range(tb.recv_batch(batch))], 5)
     assert got == [(p, src) for p in esp]  # v4: IP header stripped; v6: none to strip
     if family == socket.AF_INET:
@@ -174,3 +175,24 @@ def test_raw_esp_between_namespaces(ab: tuple[Netns, Netns], family: int, dst: s
     # And back the other way, so both ends really receive.
     assert tb.send(esp[0], src)
     assert _drain(ta, 1) == [esp[0]]
+
+
+def test_datagram_batch_indexes_datagrams_across_receives() -> None:
+    """What recv_batch leaves behind, read back: a GRO buffer cut at its segment size (the
+    last datagram shorter), a plain receive, and a raw IPv4 one past its IP header."""
+    batch = DatagramBatch(4, 4096)
+    batch.buffers[0][:250] = bytes(range(250))
+    batch.buffers[1][:7] = b"single!"
+    batch.buffers[2][:30] = bytes(20) + b"esp-packet"
+    fills = ((0, 250, 100, 0, ("a", 1)), (1, 7, 7, 0, ("b", 2)), (2, 10, 10, 20, ("c", 0)))
+    for k, got, seg, offset, addr in fills:
+        batch.got[k], batch.seg[k], batch.offset[k], batch.addr[k] = got, seg, offset, addr
+    batch.used, batch.count = 3, 5
+    views = batch.all_views()
+    assert [bytes(v) for v in views] == [bytes(range(100)), bytes(range(100, 200)),
+                                         bytes(range(200, 250)), b"single!", b"esp-packet"]
+    assert [bytes(batch.view(i)) for i in range(5)] == [bytes(v) for v in views]
+    assert [batch.source(i) for i in range(5)] == [("a", 1)] * 3 + [("b", 2), ("c", 0)]
+    assert batch.datagrams()[2] == bytes(range(200, 250))
+    with pytest.raises(IndexError):
+        batch.view(5)
