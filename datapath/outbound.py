@@ -9,6 +9,8 @@ preallocated output slot and, per destination, the batch goes out in one GSO sen
 socket can. ``vnet`` (a TUN with offloads on) gives each packet's virtio_net_hdr: a partial
 checksum is completed first, and a TCP super-packet (TSO) is looked up once and cut into
 segments (datapath.segment) that are sealed one by one, so one read feeds one GSO send.
+Within a batch, an IPv4 packet with the protocol, addresses and ports of the packet before it
+(which went to a tunnel SA) skips the parse and both lookups; its size is still checked.
 A packet whose policy has no SA yet is held (bounded per policy, oldest dropped) while the
 Kernel sends SADB_ACQUIRE; ``flush_held`` sends them when an SA appears.
 """
@@ -45,6 +47,9 @@ _TUNNEL = IpsecMode.TUNNEL
 SLOT_SIZE = 65535 + 256  # an inner packet of any size plus the ESP overhead
 _CSUM_AT = struct.Struct("<HH")  # virtio_net_hdr csum_start, csum_offset (at byte 6)
 _GSO_SIZE = struct.Struct("<H")  # virtio_net_hdr gso_size (at byte 4)
+# IPv4: version/IHL, total length, fragment field, protocol, addresses and ports (or the
+# first 4 bytes of another protocol's header: the key only says "same as the last packet").
+_FAST4 = struct.Struct("!BxH2xHxB2x12s")
 
 
 class _Route:
@@ -117,13 +122,51 @@ class Outbound:
         groups: dict[SaContext, list[memoryview]] = {}
         marked: list[SecurityAssociation] = []
         used = 0
+        # The last IPv4 packet's protocol, addresses and ports, and where they went (a tunnel
+        # SA): the packets of one stream skip the parse and both lookups. Their counts are
+        # kept here and added to the SA when the run ends.
+        last_key = b""
+        last_proto = -1
+        route: _Route | None = None
+        group: list[memoryview] = []
+        run_sa: SecurityAssociation | None = None
+        run_packets = run_bytes = 0
         for k, pkt in enumerate(packets):
             if used == n_slots:  # more packets than slots: send what we have first
                 self._send(groups, now)
                 groups = {}
                 used = 0
+                last_proto = -1
             gso = 0
-            if vnet is not None:
+            if vnet is None:
+                try:
+                    vihl, length, frag, proto, key = _FAST4.unpack_from(pkt)
+                except struct.error:
+                    vihl = 0
+                if (vihl == 0x45 and key == last_key and proto == last_proto
+                        and not frag & 0x3FFF and 24 <= length <= len(pkt)):
+                    ctx = route.ctx  # type: ignore[union-attr]
+                    tr = ctx.transform  # type: ignore[union-attr]
+                    if length > route.fits and (  # type: ignore[union-attr]
+                            ctx.outer + tr.sealed_len(length) > self.path_mtu  # type: ignore
+                            and pkt[6] & 0x40):
+                        self._too_big(pkt, 4, route.fits)  # type: ignore[union-attr]
+                        continue
+                    out = slots[used]
+                    try:
+                        end = tr.seal_into(pkt if len(pkt) == length else pkt[:length], 4,
+                                           out, 0)
+                    except SequenceExhausted:
+                        stats.seq_exhausted += 1
+                        self.deliver(self.kernel.expire_now(ctx.sa, now))  # type: ignore
+                        last_proto = -1
+                        continue
+                    used += 1
+                    group.append(out[:end])
+                    run_packets += 1
+                    run_bytes += length
+                    continue
+            else:
                 hdr = vnet[k]
                 gso = hdr[1]
                 if not gso and hdr[0] & NEEDS_CSUM:
@@ -169,6 +212,7 @@ class Outbound:
                     continue
                 used, groups = self._seal_segments(ctx, route, staged, version, used, groups,
                                                    now)
+                last_proto = -1
                 continue
             if ctx is None:
                 self._hold(policy, pkt, src, dst, proto, sport, dport, now)
@@ -197,22 +241,33 @@ class Outbound:
                 self.deliver(self.kernel.expire_now(ctx.sa, now))
                 continue
             used += 1
-            group = groups.get(ctx)
+            group = groups.get(ctx)  # type: ignore[assignment]
             if group is None:
-                groups[ctx] = [out[:end]]
+                group = groups[ctx] = []
+            group.append(out[:end])
+            if run_sa is not None:
+                self._count(run_sa, run_packets, run_bytes, marked)
+            run_sa, run_packets, run_bytes = ctx.sa, 1, size
+            if vnet is None and version == 4 and route.tunnel and pkt[0] == 0x45:
+                last_key, last_proto = bytes(pkt[12:24]), proto
             else:
-                group.append(out[:end])
-            sa = ctx.sa
-            sa.packets_out += 1
-            sa.bytes_out += size
-            if (sa.packets_in + sa.packets_out >= sa.packet_mark
-                    or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
-                marked.append(sa)
+                last_proto = -1
+        if run_sa is not None:
+            self._count(run_sa, run_packets, run_bytes, marked)
         if groups:
             self._send(groups, now)
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
+
+    @staticmethod
+    def _count(sa: SecurityAssociation, packets: int, octets: int,
+               marked: list[SecurityAssociation]) -> None:
+        sa.packets_out += packets
+        sa.bytes_out += octets
+        if (sa.packets_in + sa.packets_out >= sa.packet_mark
+                or sa.bytes_in + sa.bytes_out >= sa.byte_mark):
+            marked.append(sa)
 
     def _segments(self) -> list[bytes]:
         """The loaded super-packet's segments as packets of their own (slow path)."""

@@ -241,3 +241,22 @@ def test_outbound_batch_larger_than_the_slots() -> None:
     for _ in range(5):
         right.receive(timeout=0.2)
     assert right.tun.sent == packets
+
+
+def test_each_packet_of_a_batch_gets_its_own_verdict() -> None:
+    """The outbound shortcut for packets of the flow before them must not carry a verdict
+    over to a packet that differs in its ports, or that is too big with DF set; the counts
+    per SA still add up."""
+    left, right = connected_pair(path_mtu=800)
+    left.setkey("spdadd 10.1.0.2[1111] 10.4.0.2[3333] udp -P out prio high discard;\n")
+    ok = [udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * 40) for i in range(3)]
+    discarded = udp_packet("10.1.0.2", "10.4.0.2", b"d" * 40, dport=3333)
+    too_big = udp_packet("10.1.0.2", "10.4.0.2", b"z" * 760, df=True)
+    left.send(ok[0], ok[1], discarded, ok[2], too_big, ok[0])
+    stats = left.dp.stats()
+    assert (stats["sealed"], stats["discard"], stats["ptb_sent"]) == (4, 1, 1)
+    right.receive()
+    assert right.tun.sent == [ok[0], ok[1], ok[2], ok[0]]
+    out = sa(left, 0x1001, RIGHT)
+    assert out.packets_out == 4  # type: ignore[attr-defined]
+    assert out.bytes_out == 4 * len(ok[0])  # type: ignore[attr-defined]
