@@ -416,7 +416,7 @@ class _AeadEsp(EspTransform):
         self, packet: bytes | bytearray | memoryview, out: bytearray | memoryview,
         offset: int = 0,
     ) -> tuple[int, int]:
-        # The base class's with _decrypt inlined, no HMAC and the replay window's common case
+        # The base class's with _decrypt inlined, no HMAC and the replay check's common case
         # (the next packet in order, without ESN) decided here: each step on the per-packet
         # path of the receiving gateway is a few hundred instructions of the interpreter.
         n = len(packet)
@@ -428,8 +428,7 @@ class _AeadEsp(EspTransform):
             raise EspDrop(DropReason.SPI_MISMATCH)
         replay = self.replay
         esn = self.esn
-        top = replay.highest
-        if low > top and not esn:
+        if low > replay.highest and not esn:
             seq = low
         else:
             seq = replay.check(low)
@@ -445,12 +444,7 @@ class _AeadEsp(EspTransform):
                 out[offset:end])
         except InvalidTag:
             raise EspDrop(DropReason.AUTH) from None
-        if seq > top and replay.size:  # ReplayWindow.accept's in-order case
-            bits = (replay._bits << (seq - top)) | 1
-            replay._bits = bits & replay._mask if seq - top < replay.size else 1
-            replay.highest = seq
-        else:
-            replay.accept(seq)
+        replay.accept(seq)
         padlen = out[end - 2]
         pay_end = end - 2 - padlen
         if padlen and (pay_end < offset or out[pay_end:end - 2] != _PADS[padlen]):
