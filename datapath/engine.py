@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from datapath.encap import NAT_KEEPALIVE, NON_ESP_MARKER, UdpKind, classify
+from datapath.esp import SEAL_TAIL
 from datapath.inbound import Inbound
 from datapath.keepalive import KeepalivePeers
 from datapath.netconf import NetConfig, NetConfigError, RoutingPolicy, tun_mtu
@@ -138,7 +139,7 @@ class Datapath:
         self._fixed_mtu: int = config.tun_mtu
         self.mtu = self._fixed_mtu or tun_mtu(config.path_mtu, WORST_OVERHEAD,
                                               ipv6=config.path_mtu - WORST_OVERHEAD >= 1280)
-        self._slots = PacketSlots(BATCH)
+        self._slots = PacketSlots(BATCH, tail=SEAL_TAIL)  # sealed where they are read
         self._batch = DatagramBatch(BATCH)
         self._ike: IkeHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -267,7 +268,7 @@ class Datapath:
             if not n:
                 break
             self.counters.tun_packets += n
-            outbound.process([views[i][:lengths[i]] for i in range(n)], self.clock(), vnet)
+            outbound.process_slots(views, lengths, n, self.clock(), vnet)
             if n < BATCH:
                 break
 

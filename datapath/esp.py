@@ -62,6 +62,7 @@ from userspace_ipsec.algorithms import (
 
 NEXT_HEADER_DUMMY = 59  # RFC 4303 2.6: "no next header", a dummy (TFC) packet
 MAX_PAYLOAD = 65535
+SEAL_TAIL = 258  # room seal_from may use after the payload: padding and the 2 trailer bytes
 
 _LOW = 0xFFFFFFFF
 _HDR = struct.Struct("!II")  # SPI, low 32 bits of the sequence number
@@ -115,7 +116,7 @@ class EspTransform(abc.ABC):
     """ESP processing for one SA. Build with ``EspTransform.build``; see the module doc."""
 
     __slots__ = (
-        "spi", "esn", "replay", "encryption", "integrity", "packets", "octets",
+        "spi", "esn", "replay", "encryption", "integrity",
         "_spi_hi", "_next_seq", "_seq_limit", "_align_mask", "_head_len", "_icv_len", "_pt_at",
         "_mac", "_work", "_out",
     )
@@ -130,8 +131,6 @@ class EspTransform(abc.ABC):
         self.replay = ReplayWindow(replay_window, esn=esn)
         self.encryption = enc.name
         self.integrity = integ.name
-        self.packets = 0  # packets sealed or opened (delivered) by this object
-        self.octets = 0  # payload bytes of those packets
         self._next_seq = next_seq
         self._seq_limit = (1 << 64) - 1 if esn else _LOW
         self._align_mask = max(enc.block_bytes, 4) - 1
@@ -244,6 +243,15 @@ class EspTransform(abc.ABC):
         work[at:at + n] = payload
         return self.seal_staged(n, next_header, out, offset)
 
+    def seal_from(
+        self, buf: memoryview, n: int, next_header: int, out: memoryview, offset: int = 0,
+    ) -> int:
+        """``seal_into`` of the payload at ``buf[:n]``, where ``buf`` is writable and has
+        SEAL_TAIL bytes after the payload that this call may overwrite: an AEAD writes the
+        trailer there and encrypts from ``buf`` itself, so a packet read into a buffer with
+        that room is sealed without being copied first."""
+        return self.seal_into(buf[:n], next_header, out, offset)
+
     def staging(self) -> memoryview:
         """The buffer ``seal_staged`` seals from: write the payload (up to MAX_PAYLOAD bytes)
         at its start. Valid until the next ``staging`` or ``seal_into`` on this transform;
@@ -280,8 +288,6 @@ class EspTransform(abc.ABC):
             if self.esn:
                 h.update(_U32.pack(seq >> 32))  # RFC 4303 2.2.1: high bits sent implicitly
             outmv[icv_at:end] = h.finalize()[:self._icv_len]
-        self.packets += 1
-        self.octets += n
         return end
 
     @abc.abstractmethod
@@ -339,8 +345,6 @@ class EspTransform(abc.ABC):
             raise EspDrop(DropReason.BAD_PADDING)
         if next_header == NEXT_HEADER_DUMMY:
             raise EspDrop(DropReason.DUMMY)
-        self.packets += 1
-        self.octets += pay_end - offset
         return next_header, pay_end
 
     @abc.abstractmethod
@@ -384,6 +388,31 @@ class _AeadEsp(EspTransform):
         self._salt_int = int.from_bytes(self._salt, "big") << 64
         self._aead = AESGCM(key) if enc.name == "aes-gcm-16" else ChaCha20Poly1305(key)
 
+    def seal_from(
+        self, buf: memoryview, n: int, next_header: int, out: memoryview, offset: int = 0,
+    ) -> int:
+        # seal_staged with the caller's buffer as the staging buffer: the outbound datapath
+        # seals each packet straight from the slot the TUN read it into.
+        seq = self._next_seq
+        if seq > self._seq_limit:
+            raise SequenceExhausted(f"SPI {self.spi:#010x}: sequence numbers used up")
+        if n > MAX_PAYLOAD:
+            raise ValueError(f"payload too large ({n} bytes)")
+        padlen = -(n + 2) & self._align_mask
+        ptlen = n + padlen + 2
+        end = offset + 32 + ptlen
+        self._next_seq = seq + 1
+        buf[n:ptlen] = _TRAILERS[padlen][next_header]  # ValueError if buf has no room
+        low = seq & _LOW
+        head = ((self._spi_hi | low) << 64 | seq).to_bytes(16, "big")
+        out[offset:offset + 16] = head
+        self._aead.encrypt_into(  # ValueError if out is too short
+            (self._salt_int | seq).to_bytes(12, "big"), buf[:ptlen],
+            _AAD_ESN.pack(self.spi, seq >> 32, low) if self.esn else head[:8],
+            out[offset + 16:end],
+        )
+        return end
+
     def seal_staged(
         self, n: int, next_header: int, out: bytearray | memoryview, offset: int = 0,
     ) -> int:
@@ -408,8 +437,6 @@ class _AeadEsp(EspTransform):
             _AAD_ESN.pack(self.spi, seq >> 32, low) if self.esn else head[:8],
             outmv[offset + 16:end],
         )
-        self.packets += 1
-        self.octets += n
         return end
 
     def open_into(
@@ -452,8 +479,6 @@ class _AeadEsp(EspTransform):
         next_header = out[end - 1]
         if next_header == NEXT_HEADER_DUMMY:
             raise EspDrop(DropReason.DUMMY)
-        self.packets += 1
-        self.octets += pay_end - offset
         return next_header, pay_end
 
     def _encrypt(

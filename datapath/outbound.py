@@ -4,9 +4,12 @@ Only outbound ipsec policies have routes into the TUN (datapath.routes), so a pa
 here normally matches one; one that matches none, or a discard/none policy, is dropped and
 counted ("none" traffic is never routed here: bypass is the kernel's plain routing).
 
-``process(packets, now, vnet)`` handles a batch: each packet is sealed into its own
-preallocated output slot and, per destination, the batch goes out in one GSO send where the
-socket can. ``vnet`` (a TUN with offloads on) gives each packet's virtio_net_hdr: a partial
+``process_slots(bufs, lengths, count, now, vnet)`` handles a batch as the TUN reader left it:
+each packet is sealed from the slot it was read into (an AEAD writes the ESP trailer in the
+room after it and encrypts from there, so nothing is copied first) into its own preallocated
+output slot and, per destination, the batch goes out in one GSO send where the socket can.
+``process(packets, ...)`` takes a list of packets (held ones, tests) and copies them into such
+buffers. ``vnet`` (a TUN with offloads on) gives each packet's virtio_net_hdr: a partial
 checksum is completed first, and a TCP super-packet (TSO) is looked up once and cut into
 segments (datapath.segment) that are sealed one by one, so one read feeds one GSO send.
 Within a batch, an IPv4 packet with the protocol, addresses and ports of the packet before it
@@ -22,7 +25,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
 
-from datapath.esp import SequenceExhausted
+from datapath.esp import SEAL_TAIL, SequenceExhausted
 from datapath.flowkey import flow
 from datapath.ippacket import (
     MalformedPacket,
@@ -68,7 +71,8 @@ class _Route:
 
 class Outbound:
     __slots__ = ("kernel", "table", "stats", "tun", "deliver", "path_mtu", "queue_size",
-                 "held", "last_sent", "_routes", "_slots", "_busy", "_segmenter", "_scratch")
+                 "held", "last_sent", "_routes", "_slots", "_sent_views", "_busy", "_segmenter",
+                 "_scratch")
 
     def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
                  deliver: Callable[[list[Delivery]], None], *, path_mtu: int = 1500,
@@ -84,6 +88,9 @@ class Outbound:
         self.last_sent: dict[tuple[object, ...], float] = {}  # sendto address -> time
         self._routes: dict[tuple[Policy, bytes, bytes], _Route] = {}
         self._slots = [memoryview(bytearray(SLOT_SIZE)) for _ in range(batch)]
+        # slot i's sealed datagram as the view handed to the socket, kept while a stream's
+        # datagrams keep its size: one slice fewer per packet
+        self._sent_views = [slot[:0] for slot in self._slots]
         # A delivery made mid-batch (an SA expired) can come back as flush_held, which must
         # not reuse the slots this batch still has to send.
         self._busy = False
@@ -103,21 +110,34 @@ class Outbound:
 
     def process(self, packets: Sequence[Buffer], now: float,
                 vnet: Sequence[memoryview] | None = None) -> None:
-        """Seal and send a batch of packets read from the TUN (``vnet[i]``: packet i's
-        virtio_net_hdr when the TUN has offloads on; packet i must then be writable)."""
+        """Seal and send a list of packets (``vnet[i]``: packet i's virtio_net_hdr when the
+        TUN has offloads on). Each is copied into a buffer with room after it first; the TUN
+        reader uses ``process_slots``, which seals where the packets were read."""
+        bufs = []
+        for pkt in packets:
+            buf = memoryview(bytearray(len(pkt) + SEAL_TAIL))
+            buf[:len(pkt)] = pkt
+            bufs.append(buf)
+        self.process_slots(bufs, [len(p) for p in packets], len(bufs), now, vnet)
+
+    def process_slots(self, bufs: Sequence[memoryview], lengths: Sequence[int], count: int,
+                      now: float, vnet: Sequence[memoryview] | None = None) -> None:
+        """Seal and send packets 0..count: packet i is ``bufs[i][:lengths[i]]`` and its
+        buffer has SEAL_TAIL writable bytes after it (the ESP trailer goes there)."""
         self._busy = True
         try:
-            self._process(packets, now, vnet)
+            self._process(bufs, lengths, count, now, vnet)
         finally:
             self._busy = False
 
-    def _process(self, packets: Sequence[Buffer], now: float,
-                 vnet: Sequence[memoryview] | None) -> None:
+    def _process(self, bufs: Sequence[memoryview], lengths: Sequence[int], count: int,
+                 now: float, vnet: Sequence[memoryview] | None) -> None:
         stats = self.stats
         lookup = self.kernel.spd.lookup_packed
         routes = self._routes
         generation = self.kernel.sad.generation
         slots = self._slots
+        sent_views = self._sent_views
         n_slots = len(slots)
         groups: dict[SaContext, list[memoryview]] = {}
         marked: list[SecurityAssociation] = []
@@ -131,42 +151,45 @@ class Outbound:
         group: list[memoryview] = []
         run_sa: SecurityAssociation | None = None
         run_packets = run_bytes = 0
-        for k, pkt in enumerate(packets):
+        for k in range(count):
             if used == n_slots:  # more packets than slots: send what we have first
                 self._send(groups, now)
                 groups = {}
                 used = 0
                 last_proto = -1
+            buf = bufs[k]
+            got = lengths[k]
             gso = 0
             if vnet is None:
-                try:
-                    vihl, length, frag, proto, key = _FAST4.unpack_from(pkt)
-                except struct.error:
-                    vihl = 0
+                vihl, length, frag, proto, key = _FAST4.unpack_from(buf)
                 if (vihl == 0x45 and key == last_key and proto == last_proto
-                        and not frag & 0x3FFF and 24 <= length <= len(pkt)):
+                        and not frag & 0x3FFF and 24 <= length <= got):
                     ctx = route.ctx  # type: ignore[union-attr]
                     tr = ctx.transform  # type: ignore[union-attr]
                     if length > route.fits and (  # type: ignore[union-attr]
                             ctx.outer + tr.sealed_len(length) > self.path_mtu  # type: ignore
-                            and pkt[6] & 0x40):
-                        self._too_big(pkt, 4, route.fits)  # type: ignore[union-attr]
+                            and buf[6] & 0x40):
+                        self._too_big(buf[:got], 4, route.fits)  # type: ignore[union-attr]
                         continue
                     out = slots[used]
                     try:
-                        end = tr.seal_into(pkt if len(pkt) == length else pkt[:length], 4,
-                                           out, 0)
+                        end = tr.seal_from(buf, length, 4, out)
                     except SequenceExhausted:
                         stats.seq_exhausted += 1
                         self.deliver(self.kernel.expire_now(ctx.sa, now))  # type: ignore
                         last_proto = -1
                         continue
+                    view = sent_views[used]
+                    if len(view) != end:
+                        view = sent_views[used] = out[:end]
                     used += 1
-                    group.append(out[:end])
+                    group.append(view)
                     run_packets += 1
                     run_bytes += length
                     continue
+                pkt = buf[:got]
             else:
+                pkt = buf[:got]
                 hdr = vnet[k]
                 gso = hdr[1]
                 if not gso and hdr[0] & NEEDS_CSUM:
@@ -218,7 +241,8 @@ class Outbound:
                 self._hold(policy, pkt, src, dst, proto, sport, dport, now)
                 continue
             if route.tunnel:
-                payload: Buffer = pkt if len(pkt) == length else pkt[:length]
+                payload: Buffer | None = None  # the whole packet, sealed where it lies
+                size = length
                 nh = 4 if version == 4 else 41
             else:
                 try:
@@ -227,29 +251,35 @@ class Outbound:
                     stats.malformed += 1
                     continue
                 payload, nh = split.payload, split.next_header
+                size = len(payload)
             tr = ctx.transform
-            size = len(payload)
             if size > route.fits and ctx.outer + tr.sealed_len(size) > self.path_mtu and (
                     version == 6 or pkt[6] & 0x40):
                 self._too_big(pkt, version, route.fits)
                 continue
             out = slots[used]
             try:
-                end = tr.seal_into(payload, nh, out, 0)
+                if payload is None:
+                    end = tr.seal_from(buf, size, nh, out)
+                else:
+                    end = tr.seal_into(payload, nh, out)
             except SequenceExhausted:
                 stats.seq_exhausted += 1
                 self.deliver(self.kernel.expire_now(ctx.sa, now))
                 continue
+            view = sent_views[used]
+            if len(view) != end:
+                view = sent_views[used] = out[:end]
             used += 1
             group = groups.get(ctx)  # type: ignore[assignment]
             if group is None:
                 group = groups[ctx] = []
-            group.append(out[:end])
+            group.append(view)
             if run_sa is not None:
                 self._count(run_sa, run_packets, run_bytes, marked)
             run_sa, run_packets, run_bytes = ctx.sa, 1, size
             if vnet is None and version == 4 and route.tunnel and pkt[0] == 0x45:
-                last_key, last_proto = bytes(pkt[12:24]), proto
+                last_key, last_proto = bytes(buf[12:24]), proto
             else:
                 last_proto = -1
         if run_sa is not None:

@@ -33,23 +33,25 @@ MAX_PACKET = 65535
 
 
 class PacketSlots:
-    """count preallocated buffers of size bytes; lengths[i] is the packet now in slot i and,
-    on a TUN with a vnet header, vnet[i] its virtio_net_hdr."""
+    """count preallocated buffers for packets of up to size bytes; lengths[i] is the packet
+    now in slot i and, on a TUN with a vnet header, vnet[i] its virtio_net_hdr. ``tail``
+    bytes after ``size`` are never read into: room the consumer may write after a packet
+    (the outbound datapath's ESP trailer, datapath.esp.SEAL_TAIL)."""
 
     __slots__ = ("size", "buffers", "views", "lengths", "vnet", "_iovs", "_vnet_iovs")
 
-    def __init__(self, count: int, size: int = MAX_PACKET) -> None:
-        if count < 1 or size < 1:
-            raise ValueError("PacketSlots needs count >= 1 and size >= 1")
+    def __init__(self, count: int, size: int = MAX_PACKET, tail: int = 0) -> None:
+        if count < 1 or size < 1 or tail < 0:
+            raise ValueError("PacketSlots needs count >= 1, size >= 1 and tail >= 0")
         self.size = size
-        self.buffers = [bytearray(size) for _ in range(count)]
-        self.views = [memoryview(b) for b in self.buffers]
+        self.buffers = [bytearray(size + tail) for _ in range(count)]
+        self.views = [memoryview(b) for b in self.buffers]  # whole buffers, tail included
         self.lengths = [0] * count
         # Prebuilt iovec lists so the read loop allocates nothing of its own.
-        self._iovs: list[list[memoryview]] = [[v] for v in self.views]
+        self._iovs: list[list[memoryview]] = [[v[:size]] for v in self.views]
         self.vnet = [memoryview(bytearray(VNET_HDR_LEN)) for _ in range(count)]
         self._vnet_iovs: list[list[memoryview]] = [
-            [h, v] for h, v in zip(self.vnet, self.views, strict=True)]
+            [h, v] for h, (v,) in zip(self.vnet, self._iovs, strict=True)]
 
     def __len__(self) -> int:
         return len(self.buffers)

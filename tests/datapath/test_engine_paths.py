@@ -260,3 +260,16 @@ def test_each_packet_of_a_batch_gets_its_own_verdict() -> None:
     out = sa(left, 0x1001, RIGHT)
     assert out.packets_out == 4  # type: ignore[attr-defined]
     assert out.bytes_out == 4 * len(ok[0])  # type: ignore[attr-defined]
+
+
+def test_packets_are_sealed_where_they_were_read_without_what_follows_them() -> None:
+    """The send path writes the ESP trailer into the read slot right after the IP packet:
+    bytes the read returned beyond the IP total length are not sent, on the first packet of
+    a flow and on the ones after it, and a packet that fills its slot is sealed whole."""
+    left, right = connected_pair()
+    packets = [udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * (30 + i)) for i in range(4)]
+    left.send(*(p + b"\xaa" * 7 for p in packets))
+    big = udp_packet("10.1.0.2", "10.4.0.2", b"b" * 1300)
+    left.send(big, big)
+    right.receive()
+    assert right.tun.sent == [*packets, big, big]
