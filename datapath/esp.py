@@ -306,6 +306,16 @@ class EspTransform(abc.ABC):
         next_header, end = self.open_into(packet, out, 0)
         return next_header, bytes(out[:end])
 
+    def open_known(
+        self, packet: bytes | bytearray | memoryview, low: int, iv: int, out: memoryview,
+        offset: int = 0,
+    ) -> tuple[int, int]:
+        """``open_into`` for a caller that has read the first 16 bytes of ``packet`` as the
+        SPI (and found this transform by it), the low 32 bits of the sequence number and a
+        64-bit IV, and whose ``out`` is a memoryview. A transform with another IV ignores
+        ``low`` and ``iv``; an AEAD saves reading them again."""
+        return self.open_into(packet, out, offset)
+
     def open_into(
         self, packet: bytes | bytearray | memoryview, out: bytearray | memoryview,
         offset: int = 0,
@@ -443,31 +453,40 @@ class _AeadEsp(EspTransform):
         self, packet: bytes | bytearray | memoryview, out: bytearray | memoryview,
         offset: int = 0,
     ) -> tuple[int, int]:
-        # The base class's with _decrypt inlined, no HMAC and the replay check's common case
-        # (the next packet in order, without ESN) decided here: each step on the per-packet
-        # path of the receiving gateway is a few hundred instructions of the interpreter.
         n = len(packet)
-        ctlen = n - 32
-        if ctlen < 2 or ctlen & self._align_mask:
+        if n - 32 < 2 or (n - 32) & self._align_mask:
             raise EspDrop(DropReason.MALFORMED)
         spi, low, iv = _HDR_IV.unpack_from(packet)
         if spi != self.spi:
             raise EspDrop(DropReason.SPI_MISMATCH)
+        if type(out) is not memoryview:
+            out = memoryview(out)  # a bytearray's slice would be a copy
+        return self.open_known(packet, low, iv, out, offset)
+
+    def open_known(
+        self, packet: bytes | bytearray | memoryview, low: int, iv: int, out: memoryview,
+        offset: int = 0,
+    ) -> tuple[int, int]:
+        # The base class's with _decrypt inlined, no HMAC and the replay check's common case
+        # (the next packet in order, without ESN) decided here: each step on the per-packet
+        # path of the receiving gateway is a few hundred instructions of the interpreter.
+        ctlen = len(packet) - 32
+        if ctlen < 2 or ctlen & self._align_mask:
+            raise EspDrop(DropReason.MALFORMED)
         replay = self.replay
         esn = self.esn
         if low > replay.highest and not esn:
             seq = low
         else:
-            seq = replay.check(low)
-            if seq is None:
+            checked = replay.check(low)
+            if checked is None:
                 raise EspDrop(DropReason.REPLAY)
+            seq = checked
         end = offset + ctlen
-        if type(out) is not memoryview:
-            out = memoryview(out)  # a bytearray's slice would be a copy
         try:  # (decrypt_into refuses an output buffer of the wrong size with ValueError)
             self._aead.decrypt_into(
                 (self._salt_int | iv).to_bytes(12, "big"), packet[16:],
-                _AAD_ESN.pack(spi, seq >> 32, low) if esn else _HDR.pack(spi, low),
+                _AAD_ESN.pack(self.spi, seq >> 32, low) if esn else _HDR.pack(self.spi, low),
                 out[offset:end])
         except InvalidTag:
             raise EspDrop(DropReason.AUTH) from None

@@ -7,7 +7,7 @@ SAs goes to the one whose destination is a local address. After decryption the i
 and counted as a policy mismatch.
 
 A TCP stream's packets take a shortcut: a packet of the same SA that continues the TUN
-writer's pending run (``TunWriter.append``: same addresses, ports and headers, next sequence
+writer's pending run (``TunWriter.append_at``: same addresses, ports and headers, next sequence
 number) has that run's policy verdict, so it is neither parsed nor looked up, and its counts
 are added to the SA once per run. Every step costs hundreds of interpreter instructions here.
 """
@@ -35,6 +35,7 @@ _IPSEC = PolicyType.IPSEC
 _TRANSPORT = IpsecMode.TRANSPORT
 _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
 _HDR = struct.Struct("!II")  # SPI, sequence number: 8 bytes or it is not ESP
+_HDR_IV = struct.Struct("!IIQ")  # ... and a 64-bit IV (EspTransform.open_known)
 
 
 class Inbound:
@@ -68,19 +69,24 @@ class Inbound:
         buf = self._buf
         allowed = self._allowed
         writer = self.writer
-        push, append = writer.push, writer.append
+        push, append_at = writer.push, writer.append_at
         marked: list[SecurityAssociation] = []
         delivered = 0
         # The SA whose packet the writer's pending run started with: a packet of that SA
-        # which continues the run (writer.append) has the run's addresses, protocol and
+        # which continues the run (writer.append_at) has the run's addresses, protocol and
         # ports, so the policy verdict is the run's. Its counts are kept here until it ends.
         run_sa: SecurityAssociation | None = None
+        run_tunnel = False
         run_packets = run_bytes = 0
         for i, esp in enumerate(packets):
             try:
-                spi = _HDR.unpack_from(esp)[0]
-            except struct.error:
-                spi = 0
+                spi, low, iv = _HDR_IV.unpack_from(esp)
+            except struct.error:  # too short for any ESP packet; maybe a marker or keepalive
+                spi = _HDR.unpack_from(esp)[0] if len(esp) >= 8 else 0
+                if spi and spi in by_spi:
+                    stats.malformed += 1
+                    continue
+                low = iv = 0
             if not spi:
                 if other is not None:
                     other.append(i)
@@ -93,16 +99,17 @@ class Inbound:
                 continue
             sa = ctx.sa
             try:
-                nh, end = ctx.transform.open_into(esp, buf, _HEADROOM)
+                nh, end = ctx.transform.open_known(esp, low, iv, buf, _HEADROOM)
             except EspDrop as drop:
                 self._dropped(sa, drop.reason)
                 continue
+            if sa is run_sa and nh == 4 and run_tunnel and append_at(buf, _HEADROOM, end):
+                run_packets += 1
+                run_bytes += end - _HEADROOM
+                continue
             if (nh == 4 or nh == 41) and sa.mode != _TRANSPORT:
                 inner: Buffer = buf[_HEADROOM:end]
-                if sa is run_sa and append(inner):
-                    run_packets += 1
-                    run_bytes += end - _HEADROOM
-                    continue
+                tunnel = True
             else:
                 try:
                     inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, end - _HEADROOM,
@@ -110,6 +117,7 @@ class Inbound:
                 except (MalformedPacket, ValueError):
                     stats.malformed += 1
                     continue
+                tunnel = False
             try:
                 _, src, dst, proto, sport, dport, _ = flow(inner)
             except MalformedPacket:
@@ -126,7 +134,7 @@ class Inbound:
                 continue
             if run_sa is not None:
                 delivered += self._count(run_sa, run_packets, run_bytes, marked)
-            run_sa, run_packets, run_bytes = sa, 1, end - _HEADROOM
+            run_sa, run_tunnel, run_packets, run_bytes = sa, tunnel, 1, end - _HEADROOM
             push(inner)
         if run_sa is not None:
             delivered += self._count(run_sa, run_packets, run_bytes, marked)

@@ -51,7 +51,7 @@ class TunWriter:
     """Packet writer for one TUN fd (``vnet``: the device has IFF_VNET_HDR)."""
 
     __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "_buf", "_view",
-                 "_count", "_size", "_hlen", "_mss", "_next_seq", "_short", "_psh", "_header",
+                 "_count", "_size", "_hlen", "_mss", "_next_seq", "_psh", "_header",
                  "_template")
 
     def __init__(self, fd: int, write_one: Callable[[Buffer], bool], *, vnet: bool) -> None:
@@ -67,8 +67,7 @@ class TunWriter:
         self._size = 0
         self._hlen = 0
         self._mss = 0
-        self._next_seq = 0
-        self._short = False  # the last pending segment was shorter than the MSS
+        self._next_seq = 0  # -1: the run takes no more segments
         self._psh = 0
         # The fields of the run's header that a packet must repeat to join it, and the
         # struct that reads them; None: no run.
@@ -77,28 +76,34 @@ class TunWriter:
 
     def append(self, pkt: Buffer) -> bool:
         """Add ``pkt`` to the pending run if it continues it (the next in-order segment of the
-        same flow with equal headers, as Linux's GRO requires); False changes nothing.
+        same flow with equal headers, as Linux's GRO requires); False changes nothing."""
+        return self.append_at(pkt, 0, len(pkt))
+
+    def append_at(self, buf: Buffer, at: int, end: int) -> bool:
+        """``append`` of the packet at ``buf[at:end]``, without slicing it out first.
 
         Two struct reads and a tuple compare, not a parse: this is the per-packet path of a
-        TCP stream through the receiving gateway."""
+        TCP stream through the receiving gateway. (The reads may run past ``end`` into other
+        bytes of ``buf``; a packet shorter than the run's headers then fails the length
+        check: its payload length would be zero or less, or past ``end``.)"""
         try:
-            if self._header.unpack_from(pkt) != self._template:
+            if self._header.unpack_from(buf, at) != self._template:
                 return False
-        except struct.error:  # shorter than the run's headers
+        except struct.error:  # buf ends inside the run's headers
             return False
-        total, seq, flags = _VARIABLE.unpack_from(pkt)
+        total, seq, flags = _VARIABLE.unpack_from(buf, at)
         hlen = self._hlen
         plen = total - hlen
         size = self._size
-        if (seq != self._next_seq or flags & ~_PSH != 0x10 or self._short
-                or not 0 < plen <= self._mss or total > len(pkt)
-                or size + plen > MAX_GSO_BYTES or self._count >= MAX_SEGMENTS):
+        # (_next_seq is -1 once the run takes no more: after a short segment, or when full)
+        if (seq != self._next_seq or flags & ~_PSH != 0x10 or not 0 < plen <= self._mss
+                or total > end - at or size + plen > MAX_GSO_BYTES):
             return False
-        self._buf[size:size + plen] = pkt[hlen:total]
+        self._buf[size:size + plen] = buf[at + hlen:at + total]
         self._size = size + plen
-        self._count += 1
-        self._next_seq = (seq + plen) & 0xFFFFFFFF
-        self._short = plen < self._mss
+        count = self._count = self._count + 1
+        self._next_seq = ((seq + plen) & 0xFFFFFFFF
+                          if plen == self._mss and count < MAX_SEGMENTS else -1)
         if flags & _PSH:
             self._psh = _PSH
             self.flush()
@@ -123,7 +128,6 @@ class TunWriter:
                 self._hlen = hlen
                 self._mss = total - hlen
                 self._next_seq = (int.from_bytes(pkt[24:28], "big") + total - hlen) & 0xFFFFFFFF
-                self._short = False
                 self._psh = flags & _PSH
                 if self._psh:
                     self.flush()

@@ -9,7 +9,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
 from datapath.ippacket import internet_checksum
-from datapath.tunwriter import TunWriter
+from datapath.tunwriter import MAX_SEGMENTS, TunWriter
 
 MSS = 1000
 
@@ -139,3 +139,28 @@ def test_every_field_gro_compares_breaks_a_run() -> None:
     writer.flush()
     ((_, packet),) = sink.gso()
     assert len(packet) == 52 + 2 * MSS + 10 and sink.singles == []
+
+
+def test_append_at_reads_only_the_packet_it_is_given() -> None:
+    """append_at's struct reads may run past ``end`` into other bytes of the buffer: a
+    packet cut short there must still be refused, and a whole one at an offset appended."""
+    sink = Sink()
+    writer = sink.writer
+    writer.push(seg(1000))
+    nxt = seg(1000 + MSS)
+    buf = bytearray(b"\x00" * 7 + nxt + b"\x00" * 9)
+    for cut in (20, 52, 53, len(nxt) - 1):  # inside the headers, headers only, part payload
+        assert not writer.append_at(buf, 7, 7 + cut)
+    assert writer.append_at(buf, 7, 7 + len(nxt))
+    assert not writer.append_at(bytearray(nxt[:30]), 0, 30)  # the buffer ends in the headers
+    writer.flush()
+    ((_, packet),) = sink.gso()
+    assert len(packet) == 52 + 2 * MSS
+
+
+def test_a_run_ends_at_the_segment_bound() -> None:
+    sink = Sink()
+    writer = sink.writer
+    writer.push(seg(1000))
+    merged = [writer.append(seg(1000 + i * MSS)) for i in range(1, 70)]
+    assert merged == [True] * (MAX_SEGMENTS - 1) + [False] * (70 - MAX_SEGMENTS)
