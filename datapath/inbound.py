@@ -34,6 +34,8 @@ _FWD = int(PolicyDir.FWD)
 _IPSEC = PolicyType.IPSEC
 _TRANSPORT = IpsecMode.TRANSPORT
 _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
+ARENA_SIZE = 4 << 20  # decrypted packets of one batch; when full, the writer flushes first
+_LAST_START = ARENA_SIZE - _HEADROOM - 65536  # past it a packet may not fit: start over
 _HDR = struct.Struct("!II")  # SPI, sequence number: 8 bytes or it is not ESP
 _HDR_IV = struct.Struct("!IIQ")  # ... and a 64-bit IV (EspTransform.open_known)
 
@@ -49,7 +51,9 @@ class Inbound:
         self.stats = stats
         self.writer = TunWriter(tun.fd, tun.write, vnet=getattr(tun, "vnet_hdr", False))
         self.deliver = deliver
-        self._buf = memoryview(bytearray(_HEADROOM + 65536))
+        # Each packet of a batch is decrypted to its own place here, after the one before
+        # it: the TUN writer's pending run refers to them until the batch's flush.
+        self._buf = memoryview(bytearray(ARENA_SIZE))
         # (SA, selectors) -> may pass: one lookup per flow, not per packet.
         self._allowed: dict[tuple[SecurityAssociation, bytes, bytes, int, int, int], bool] = {}
         self._spd_generation = -1
@@ -78,6 +82,7 @@ class Inbound:
         run_sa: SecurityAssociation | None = None
         run_tunnel = False
         run_packets = run_bytes = 0
+        at = _HEADROOM  # where the next packet is decrypted to
         for i, esp in enumerate(packets):
             try:
                 spi, low, iv = _HDR_IV.unpack_from(esp)
@@ -98,21 +103,25 @@ class Inbound:
                 stats.no_sa += 1
                 continue
             sa = ctx.sa
+            if at > _LAST_START:
+                writer.flush()  # nothing refers to the arena any more
+                at = _HEADROOM
             try:
-                nh, end = ctx.transform.open_known(esp, low, iv, buf, _HEADROOM)
+                nh, end = ctx.transform.open_known(esp, low, iv, buf, at)
             except EspDrop as drop:
                 self._dropped(sa, drop.reason)
                 continue
-            if sa is run_sa and nh == 4 and run_tunnel and append_at(buf, _HEADROOM, end):
+            start, at = at, end + _HEADROOM
+            if sa is run_sa and nh == 4 and run_tunnel and append_at(buf, start, end):
                 run_packets += 1
-                run_bytes += end - _HEADROOM
+                run_bytes += end - start
                 continue
             if (nh == 4 or nh == 41) and sa.mode != _TRANSPORT:
-                inner: Buffer = buf[_HEADROOM:end]
+                inner: Buffer = buf[start:end]
                 tunnel = True
             else:
                 try:
-                    inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, end - _HEADROOM,
+                    inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, start, end - start,
                                           ctx.natt)
                 except (MalformedPacket, ValueError):
                     stats.malformed += 1
@@ -134,7 +143,7 @@ class Inbound:
                 continue
             if run_sa is not None:
                 delivered += self._count(run_sa, run_packets, run_bytes, marked)
-            run_sa, run_tunnel, run_packets, run_bytes = sa, tunnel, 1, end - _HEADROOM
+            run_sa, run_tunnel, run_packets, run_bytes = sa, tunnel, 1, end - start
             push(inner)
         if run_sa is not None:
             delivered += self._count(run_sa, run_packets, run_bytes, marked)
@@ -177,12 +186,14 @@ class Inbound:
         else:
             stats.malformed += 1
 
-    def _rebuild(self, src: bytes, dst: bytes, proto: int, size: int, natt: bool) -> Buffer:
-        """Transport mode: the SA's addresses around the payload now at buf[_HEADROOM:]."""
+    def _rebuild(self, src: bytes, dst: bytes, proto: int, at: int, size: int,
+                 natt: bool) -> Buffer:
+        """Transport mode: the SA's addresses around the payload now at buf[at:] (there is
+        _HEADROOM before it)."""
         header = ip_header(src, dst, proto, size)
-        start = _HEADROOM - len(header)
+        start = at - len(header)
         buf = self._buf
-        buf[start:_HEADROOM] = header
-        packet = buf[start:_HEADROOM + size]
+        buf[start:at] = header
+        packet = buf[start:at + size]
         # RFC 3948 3.1.2: behind a NAT the peer's checksum used addresses we never saw.
         return fix_l4_checksum(packet) if natt else packet

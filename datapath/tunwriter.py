@@ -10,8 +10,13 @@ only where a device needs that).
 
 Without a vnet header (or for anything else) packets are written one by one, unchanged, by
 ``write_one`` (``TunDevice.write``, which counts its own refusals).
-``push`` queues or writes; ``append`` only continues the pending run (the receive path's
-shortcut for a stream: see datapath.inbound); ``flush`` must end every batch.
+``push`` queues or writes; ``append``/``append_at`` only continue the pending run (the receive
+path's shortcut for a stream: see datapath.inbound); ``flush`` must end every batch.
+
+A pending run is not copied: the writer keeps views of the packets given to ``push`` and
+``append_at`` (the first whole, then each segment's payload) and writes them with one
+writev, the headers from its own patched copy. The caller must leave those bytes unchanged
+until ``flush``; the receive path decrypts each packet of a batch to its own place for this.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ _ADDRS = struct.Struct("!HHHH")
 _U16 = struct.Struct("!H")
 MAX_SEGMENTS = 64  # the kernel's GRO bound (MAX_GSO_SEGS is larger; keep to GRO's)
 MAX_GSO_BYTES = 65535
+_MAX_HLEN = 80  # a run's headers: IPv4 without options (push takes IHL 5 only), TCP up to 60
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.EINVAL, errno.EIO)
 _PSH = 0x08
 
@@ -50,9 +56,9 @@ _VARIABLE = struct.Struct("!2xH20xI5xB")  # total length, sequence number, TCP f
 class TunWriter:
     """Packet writer for one TUN fd (``vnet``: the device has IFF_VNET_HDR)."""
 
-    __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "_buf", "_view",
-                 "_count", "_size", "_hlen", "_mss", "_next_seq", "_psh", "_header",
-                 "_template")
+    __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "_head",
+                 "_first", "_parts", "_count", "_size", "_hlen", "_mss", "_next_seq", "_psh",
+                 "_header", "_template")
 
     def __init__(self, fd: int, write_one: Callable[[Buffer], bool], *, vnet: bool) -> None:
         self.fd = fd
@@ -61,10 +67,13 @@ class TunWriter:
         self.errors = 0  # segments of GSO packets the kernel refused
         self.merged = 0  # segments written as part of a GSO packet
         self.gso_writes = 0
-        self._buf = bytearray(MAX_GSO_BYTES)
-        self._view = memoryview(self._buf)
-        self._count = 0  # segments pending in _buf
-        self._size = 0
+        self._head = memoryview(bytearray(_MAX_HLEN))  # the GSO packet's headers, patched
+        # The pending run: its first packet and every segment's payload, referenced (the
+        # caller keeps them unchanged until flush) and written with one writev.
+        self._first: Buffer = b""
+        self._parts: list[Buffer] = []
+        self._count = 0  # segments pending
+        self._size = 0  # bytes of the GSO packet so far
         self._hlen = 0
         self._mss = 0
         self._next_seq = 0  # -1: the run takes no more segments
@@ -99,7 +108,7 @@ class TunWriter:
         if (seq != self._next_seq or flags & ~_PSH != 0x10 or not 0 < plen <= self._mss
                 or total > end - at or size + plen > MAX_GSO_BYTES):
             return False
-        self._buf[size:size + plen] = buf[at + hlen:at + total]
+        self._parts.append(buf[at + hlen:at + total])
         self._size = size + plen
         count = self._count = self._count + 1
         self._next_seq = ((seq + plen) & 0xFFFFFFFF
@@ -122,7 +131,8 @@ class TunWriter:
             flags = pkt[33]
             if (not (pkt[6] & 0x3F or pkt[7]) and (flags == 0x10 or flags == 0x18)
                     and hlen >= 40 and hlen < total <= n):
-                self._buf[:total] = pkt[:total]
+                self._first = pkt
+                self._parts = [pkt[hlen:total]]
                 self._count = 1
                 self._size = total
                 self._hlen = hlen
@@ -144,29 +154,32 @@ class TunWriter:
             return
         self._count = 0
         self._template = None
+        first, self._first = self._first, b""
         size = self._size
-        view = self._view
         if count == 1:
-            self.write_one(view[:size])
+            self.write_one(first if len(first) == size else first[:size])
             return
-        buf, hlen = self._buf, self._hlen
-        buf[2:4] = _U16.pack(size)
-        buf[10:12] = b"\0\0"
-        buf[10:12] = _U16.pack(internet_checksum(view[:20]))
-        buf[33] |= self._psh
+        head, hlen = self._head, self._hlen
+        head[:hlen] = first[:hlen]
+        head[2:4] = _U16.pack(size)
+        head[10:12] = b"\0\0"
+        head[10:12] = _U16.pack(internet_checksum(head[:20]))
+        head[33] |= self._psh
         # CHECKSUM_PARTIAL: the TCP checksum field holds the pseudo-header sum, uncomplemented.
-        a, b, c, d = _ADDRS.unpack_from(buf, 12)
+        a, b, c, d = _ADDRS.unpack_from(head, 12)
         pseudo = a + b + c + d + 6 + size - 20
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-        buf[36:38] = _U16.pack(pseudo)
-        header = _VNET.pack(_NEEDS_CSUM, _GSO_TCPV4, hlen, self._mss, 20, 16)
+        head[36:38] = _U16.pack(pseudo)
+        vnet = _VNET.pack(_NEEDS_CSUM, _GSO_TCPV4, hlen, self._mss, 20, 16)
         try:
-            os.writev(self.fd, (header, view[:size]))
+            os.writev(self.fd, [vnet, head[:hlen], *self._parts])
         except OSError as exc:
             if exc.errno not in _TRANSIENT:
                 raise
             self.errors += count
             return
+        finally:
+            self._parts = []
         self.gso_writes += 1
         self.merged += count
