@@ -1,6 +1,6 @@
 """TUN device I/O: create or attach a layer-3 TUN, drain ready packets into preallocated slots.
 
-The kernel hands out one packet per read(2) on a TUN fd, so a batch is a loop of ``os.readv``
+The kernel hands out one packet per read(2) on a TUN fd, so a batch is a loop of ``readinto``
 calls into fixed buffers until EAGAIN or the bound; no per-packet buffer allocation.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 from dataclasses import dataclass
 
@@ -34,24 +35,27 @@ MAX_PACKET = 65535
 
 class PacketSlots:
     """count preallocated buffers for packets of up to size bytes; lengths[i] is the packet
-    now in slot i and, on a TUN with a vnet header, vnet[i] its virtio_net_hdr. ``tail``
-    bytes after ``size`` are never read into: room the consumer may write after a packet
-    (the outbound datapath's ESP trailer, datapath.esp.SEAL_TAIL)."""
+    now at the start of views[i] and, on a TUN with a vnet header, vnet[i] its
+    virtio_net_hdr. ``tail`` bytes after ``size`` are never read into: room the consumer may
+    write after a packet (the outbound datapath's ESP trailer, datapath.esp.SEAL_TAIL).
 
-    __slots__ = ("size", "buffers", "views", "lengths", "vnet", "_iovs", "_vnet_iovs")
+    Each buffer is laid out vnet header | packet | tail, so one read(2) fills a slot (the
+    header lands just in front of the packet)."""
+
+    __slots__ = ("size", "buffers", "views", "lengths", "vnet", "_reads", "_vnet_reads")
 
     def __init__(self, count: int, size: int = MAX_PACKET, tail: int = 0) -> None:
         if count < 1 or size < 1 or tail < 0:
             raise ValueError("PacketSlots needs count >= 1, size >= 1 and tail >= 0")
         self.size = size
-        self.buffers = [bytearray(size + tail) for _ in range(count)]
-        self.views = [memoryview(b) for b in self.buffers]  # whole buffers, tail included
+        self.buffers = [bytearray(VNET_HDR_LEN + size + tail) for _ in range(count)]
+        whole = [memoryview(b) for b in self.buffers]
+        self.views = [w[VNET_HDR_LEN:] for w in whole]  # packet and tail
         self.lengths = [0] * count
-        # Prebuilt iovec lists so the read loop allocates nothing of its own.
-        self._iovs: list[list[memoryview]] = [[v[:size]] for v in self.views]
-        self.vnet = [memoryview(bytearray(VNET_HDR_LEN)) for _ in range(count)]
-        self._vnet_iovs: list[list[memoryview]] = [
-            [h, v] for h, (v,) in zip(self.vnet, self._iovs, strict=True)]
+        self.vnet = [w[:VNET_HDR_LEN] for w in whole]
+        # What each read(2) fills, made once so the read loop allocates nothing of its own.
+        self._reads = [v[:size] for v in self.views]
+        self._vnet_reads = [w[:VNET_HDR_LEN + size] for w in whole]
 
     def __len__(self) -> int:
         return len(self.buffers)
@@ -76,7 +80,7 @@ class TunDevice:
     on the same name is one more queue of that device.
     """
 
-    __slots__ = ("_dev", "fd", "name", "vnet_hdr", "offload", "stats")
+    __slots__ = ("_dev", "_file", "fd", "name", "vnet_hdr", "offload", "stats")
 
     def __init__(self, name: str = "", *, multi_queue: bool = False, vnet_hdr: bool = False,
                  dev_path: str = "/dev/net/tun") -> None:
@@ -90,6 +94,7 @@ class TunDevice:
         except pytun.Error as exc:
             raise OSError(f"cannot open TUN {name or '(new)'} via {dev_path}: {exc}") from exc
         self.fd: int = self._dev.fileno()
+        self._file = io.FileIO(self.fd, "rb", closefd=False)
         self.name: str = self._dev.name
         self.vnet_hdr = vnet_hdr
         self.offload = 0  # TUN_F_* flags in force (set_offload)
@@ -115,19 +120,18 @@ class TunDevice:
     def read_batch(self, slots: PacketSlots, limit: int | None = None) -> int:
         """Read ready packets into slots[0..n); returns n (0 when nothing is ready)."""
         n_max = len(slots.buffers) if limit is None else min(limit, len(slots.buffers))
-        iovs = slots._vnet_iovs if self.vnet_hdr else slots._iovs
+        reads = slots._vnet_reads if self.vnet_hdr else slots._reads
         skip = VNET_HDR_LEN if self.vnet_hdr else 0
         lengths = slots.lengths
-        readv = os.readv
-        fd = self.fd
+        readinto = self._file.readinto  # (one buffer: cheaper to call than os.readv)
         size = slots.size
         n = 0
         while n < n_max:
-            try:
-                got = readv(fd, iovs[n]) - skip
-            except BlockingIOError:
+            got = readinto(reads[n])
+            if not got:  # None: nothing ready (the fd is non-blocking)
                 break
-            if got > size:  # the kernel cut the packet at the slot end
+            got -= skip
+            if got > size or got < 0:  # the kernel cut the packet at the slot end
                 self.stats.rx_truncated += 1
                 continue
             lengths[n] = got
@@ -151,6 +155,7 @@ class TunDevice:
         return True
 
     def close(self) -> None:
+        self._file.close()  # (closefd=False: the device closes the fd)
         self._dev.close()
 
     def __enter__(self) -> TunDevice:

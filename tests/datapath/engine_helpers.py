@@ -43,7 +43,7 @@ class MemoryTun:
         n = 0
         while self.inbox and n < len(slots.buffers):
             pkt = self.inbox.pop(0)
-            slots.buffers[n][:len(pkt)] = pkt
+            slots.views[n][:len(pkt)] = pkt
             slots.lengths[n] = len(pkt)
             n += 1
         return n

@@ -36,7 +36,7 @@ class OffloadTun(MemoryTun):
         n = 0
         while self.inbox and n < len(slots.buffers):
             pkt = self.inbox.pop(0)
-            slots.buffers[n][:len(pkt)] = pkt
+            slots.views[n][:len(pkt)] = pkt
             slots.lengths[n] = len(pkt)
             slots.vnet[n][:] = self.headers.pop(0)
             n += 1
