@@ -75,6 +75,11 @@ _U32 = struct.Struct("!I")
 _PADS = tuple(bytes(range(1, n + 1)) for n in range(256))
 # seal pads to the cipher's block (at most 16 bytes): padding below 16 bytes is all it makes.
 _TRAILERS = tuple(tuple(pad + bytes((len(pad), nh)) for nh in range(256)) for pad in _PADS[:16])
+# The trailer read in one go: the 4 bytes before pad length and next header hold up to 4
+# padding bytes, checked against the expected ones under a mask (no slice per packet).
+_TRAILER = struct.Struct("!IBB")
+_PAD_MASK = tuple((1 << 8 * n) - 1 for n in range(5))
+_PAD_WORD = tuple(int.from_bytes(_PADS[n], "big") for n in range(5))
 
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "hmac-md5": hashes.MD5,
@@ -348,10 +353,16 @@ class EspTransform(abc.ABC):
             raise ValueError("output buffer too small")
         self._decrypt(seq, data, ctlen, outmv, offset)
         replay.accept(seq)
-        padlen = outmv[end - 2]
-        next_header = outmv[end - 1]
+        return self._trailer(outmv, offset, end)
+
+    @staticmethod
+    def _trailer(out: memoryview, offset: int, end: int) -> tuple[int, int]:
+        """``(next_header, end of payload)`` from the decrypted trailer before ``end``, after
+        checking the padding (RFC 4303 2.4: 1, 2, 3, ...) and refusing a dummy packet."""
+        padlen = out[end - 2]
+        next_header = out[end - 1]
         pay_end = end - 2 - padlen
-        if pay_end < offset or outmv[pay_end:end - 2] != _PADS[padlen]:
+        if pay_end < offset or out[pay_end:end - 2] != _PADS[padlen]:
             raise EspDrop(DropReason.BAD_PADDING)
         if next_header == NEXT_HEADER_DUMMY:
             raise EspDrop(DropReason.DUMMY)
@@ -491,11 +502,14 @@ class _AeadEsp(EspTransform):
         except InvalidTag:
             raise EspDrop(DropReason.AUTH) from None
         replay.accept(seq)
-        padlen = out[end - 2]
+        if end < 6:  # (the trailer read below would start before the buffer)
+            return self._trailer(out, offset, end)
+        pad4, padlen, next_header = _TRAILER.unpack_from(out, end - 6)
         pay_end = end - 2 - padlen
-        if padlen and (pay_end < offset or out[pay_end:end - 2] != _PADS[padlen]):
+        if padlen and (pay_end < offset or (
+                pad4 & _PAD_MASK[padlen] != _PAD_WORD[padlen] if padlen <= 4
+                else out[pay_end:end - 2] != _PADS[padlen])):
             raise EspDrop(DropReason.BAD_PADDING)
-        next_header = out[end - 1]
         if next_header == NEXT_HEADER_DUMMY:
             raise EspDrop(DropReason.DUMMY)
         return next_header, pay_end

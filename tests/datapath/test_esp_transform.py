@@ -292,3 +292,44 @@ def test_random_bytes_only_ever_drop(name: str, data: bytes, seq: int, keep_spi:
     with pytest.raises(EspDrop):
         rx.open(packet)
     assert rx.replay.highest == 0
+
+
+def gcm_packet(clear: bytes, seq: int = 1) -> bytes:
+    """An AES-GCM ESP packet with a valid tag around arbitrary cleartext."""
+    _, key, _, _ = SUITES["gcm"]
+    head = struct.pack("!IIQ", SPI, seq, seq)
+    return head + AESGCM(key[:32]).encrypt(key[32:] + head[8:], clear, head[:8])
+
+
+@pytest.mark.parametrize("padlen", [1, 2, 3, 4, 5, 9])
+def test_gcm_padding_checked_byte_by_byte(padlen: int) -> None:
+    payload = b"0123456789abcdef"[:(-(padlen + 2)) % 4 + 8]
+    good = payload + bytes(range(1, padlen + 1)) + bytes((padlen, 6))
+    _, rx = pair("gcm")
+    assert rx.open(gcm_packet(good)) == (6, payload)
+    for at in range(padlen):
+        bad = bytearray(good)
+        bad[len(payload) + at] ^= 0x40
+        assert reason(rx, gcm_packet(bytes(bad), seq=2 + at)) is DropReason.BAD_PADDING
+    # The payload byte just before the padding is not the padding's business.
+    other = bytearray(good)
+    other[len(payload) - 1] ^= 0x40
+    assert rx.open(gcm_packet(bytes(other), seq=100)) == (6, bytes(other[:len(payload)]))
+
+
+def test_gcm_short_cleartexts() -> None:
+    _, rx = pair("gcm")
+    assert rx.open(gcm_packet(b"ab\x00\x06")) == (6, b"ab")  # (shorter than the trailer read)
+    assert rx.open(gcm_packet(b"\x01\x02\x02\x06", seq=2)) == (6, b"")
+    assert reason(rx, gcm_packet(b"\x01\x02\x03\x06", seq=3)) is DropReason.BAD_PADDING
+    assert reason(rx, gcm_packet(b"\x01\x02\x03\x04\x05\x06\x07\x06", seq=4)) is \
+        DropReason.BAD_PADDING  # pad length beyond the data
+    assert reason(rx, gcm_packet(b"\x01\x02\x09\x06", seq=5)) is DropReason.BAD_PADDING
+
+
+def test_gcm_padding_never_reaches_before_the_output_offset() -> None:
+    _, rx = pair("gcm")
+    out = bytearray(b"\x01\x02" + bytes(100))  # what lies before the offset looks like padding
+    with pytest.raises(EspDrop) as info:
+        rx.open_into(gcm_packet(b"\x03\x04\x04\x06"), out, 2)
+    assert info.value.reason is DropReason.BAD_PADDING
