@@ -212,11 +212,12 @@ def test_ike_hook_keepalives_and_marker() -> None:
         probe.sendto(NON_ESP_MARKER + b"ike message", dst)
         probe.sendto(b"\xff", dst)
         probe.sendto(b"\x01\x02", dst)
+        probe.sendto(b"", dst)
         right.receive()
         assert got == [(b"ike message", probe.getsockname(), (RIGHT, right.port))]
         stats = right.dp.stats()
         assert (stats["ike_received"], stats["keepalives_received"], stats["malformed"]) == \
-            (1, 1, 1)
+            (1, 1, 2)
         probe.settimeout(2)
         assert right.dp.send_ike(b"reply", probe.getsockname())
         assert probe.recv(100) == NON_ESP_MARKER + b"reply"
@@ -273,3 +274,35 @@ def test_packets_are_sealed_where_they_were_read_without_what_follows_them() -> 
     left.send(big, big)
     right.receive()
     assert right.tun.sent == [*packets, big, big]
+
+
+def test_a_gro_receive_is_opened_datagram_by_datagram() -> None:
+    """The datagrams of coalesced receives: equal-sized ones, a shorter last one, a non-ESP
+    datagram in a receive of its own (handed back by index) and one too short to be ESP of
+    a known SPI (malformed)."""
+    from datapath.sockets import DatagramBatch
+
+    left, right = connected_pair()
+    ctx = next(c for c in left.dp.table.by_spi.values() if c.sa.spi == 0x1001)
+    packets = [udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * 200) for i in range(4)]
+    packets.append(udp_packet("10.1.0.2", "10.4.0.2", b"short"))
+    datagrams = [ctx.transform.seal(p, 4) for p in packets]
+    assert len({len(d) for d in datagrams[:4]}) == 1 and len(datagrams[4]) < len(datagrams[0])
+    batch = DatagramBatch(4)
+    coalesced = b"".join(datagrams)
+    marker = NON_ESP_MARKER + b"ike"
+    runt = struct.pack("!II", 0x1001, 77)  # 8 bytes with a known SPI
+    for k, (data, seg, offset) in enumerate([(coalesced, len(datagrams[0]), 0),
+                                             (b"\xee" * 20 + marker, len(marker), 20),
+                                             (runt, len(runt), 0)]):
+        batch.views[k][:len(data)] = data
+        batch.got[k], batch.seg[k], batch.offset[k] = len(data) - offset, seg, offset
+    batch.used = 3
+    other: list[int] = []
+    inbound = right.dp.inbound
+    assert inbound is not None
+    views = batch.all_views()
+    inbound.process(views, NOW, other)
+    assert right.tun.sent == packets
+    assert [bytes(views[i]) for i in other] == [marker] and other == [5]
+    assert right.dp.stats()["malformed"] == 1
