@@ -1,4 +1,5 @@
-"""Writes into the TUN, coalescing consecutive TCP segments of one flow (software GRO).
+"""Writes into the TUN, coalescing consecutive TCP segments or UDP datagrams of one flow
+(software GRO).
 
 Every write(2) into a TUN runs the kernel's whole receive path for that packet (forwarding, the
 next hop's TCP stack) in our process: per packet, that cost more than decryption. With the TUN
@@ -7,6 +8,12 @@ would merge (same addresses, ports, ACK, window, options, TOS and TTL; flags ACK
 all but the last of full size) is written as one GSO packet: the virtio_net_hdr says "TCPv4,
 segment size MSS, checksum partial", and the kernel forwards it as one skb (and segments it
 only where a device needs that).
+
+UDP likewise, as Linux's UDP GRO forwarding does: IPv4 datagrams of one flow with equal
+headers (but length, id and checksums) and one size, the last possibly shorter, become one
+"UDP_L4" GSO packet whose segment size is that datagram size, so the kernel cuts it back into
+the same datagrams. A kernel that refuses UDP GSO from a TUN writer (before 6.2) gets the
+datagrams one by one from then on.
 
 Without a vnet header (or for anything else) packets are written one by one, unchanged, by
 ``write_one`` (``TunDevice.write``, which counts its own refusals).
@@ -32,6 +39,7 @@ _VNET = struct.Struct("<BBHHHH")  # virtio_net_hdr (little-endian: legacy virtio
 _ZERO_VNET = bytes(_VNET.size)
 _NEEDS_CSUM = 1
 _GSO_TCPV4 = 1
+_GSO_UDP_L4 = 5  # VIRTIO_NET_HDR_GSO_UDP_L4 (Linux 6.2+ takes it from a TUN writer)
 _ADDRS = struct.Struct("!HHHH")
 _U16 = struct.Struct("!H")
 MAX_SEGMENTS = 64  # the kernel's GRO bound (MAX_GSO_SEGS is larger; keep to GRO's)
@@ -51,14 +59,17 @@ def _run_header(hlen: int) -> struct.Struct:
 
 _RUN_HEADERS = {hlen: _run_header(hlen) for hlen in range(40, 81, 4)}  # TCP data offset 5-15
 _VARIABLE = struct.Struct("!2xH20xI5xB")  # total length, sequence number, TCP flags
+# UDP: the IPv4 header but total length, id and checksum, and the ports must repeat.
+_UDP_RUN = struct.Struct("!H4xI2xQI")
+_UDP_VARIABLE = struct.Struct("!2xH20xH")  # total length, UDP length
 
 
 class TunWriter:
     """Packet writer for one TUN fd (``vnet``: the device has IFF_VNET_HDR)."""
 
-    __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "_head",
-                 "_first", "_parts", "_count", "_size", "_hlen", "_mss", "_next_seq", "_psh",
-                 "_header", "_template")
+    __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "udp_gso",
+                 "_head", "_first", "_parts", "_count", "_size", "_hlen", "_mss", "_next_seq",
+                 "_psh", "_udp", "_header", "_template")
 
     def __init__(self, fd: int, write_one: Callable[[Buffer], bool], *, vnet: bool) -> None:
         self.fd = fd
@@ -78,6 +89,8 @@ class TunWriter:
         self._mss = 0
         self._next_seq = 0  # -1: the run takes no more segments
         self._psh = 0
+        self._udp = False  # the pending run is UDP datagrams (_parts: whole packets)
+        self.udp_gso = vnet  # False once the kernel refused a UDP GSO write (before 6.2)
         # The fields of the run's header that a packet must repeat to join it, and the
         # struct that reads them; None: no run.
         self._header = _RUN_HEADERS[40]
@@ -100,6 +113,8 @@ class TunWriter:
                 return False
         except struct.error:  # buf ends inside the run's headers
             return False
+        if self._udp:
+            return self._append_udp(buf, at, end)
         total, seq, flags = _VARIABLE.unpack_from(buf, at)
         hlen = self._hlen
         plen = total - hlen
@@ -116,6 +131,22 @@ class TunWriter:
         if flags & _PSH:
             self._psh = _PSH
             self.flush()
+        return True
+
+    def _append_udp(self, buf: Buffer, at: int, end: int) -> bool:
+        # Datagrams of the run's size, the last one possibly shorter (it closes the run),
+        # as UDP GRO forwarding merges them: GSO cuts them apart again the same way.
+        total, length = _UDP_VARIABLE.unpack_from(buf, at)
+        plen = total - 28
+        size = self._size
+        if (self._next_seq or length != plen + 8 or not 0 < plen <= self._mss
+                or total > end - at or size + plen > MAX_GSO_BYTES):
+            return False
+        self._parts.append(buf[at:at + total])
+        self._size = size + plen
+        count = self._count = self._count + 1
+        if plen != self._mss or count >= MAX_SEGMENTS:
+            self._next_seq = -1
         return True
 
     def push(self, pkt: Buffer) -> None:
@@ -144,6 +175,24 @@ class TunWriter:
                     return
                 header = self._header = _RUN_HEADERS[hlen]
                 self._template = header.unpack_from(pkt)
+                self._udp = False
+                return
+        if self.udp_gso and n > 28 and pkt[0] == 0x45 and pkt[9] == 17:
+            total = (pkt[2] << 8) | pkt[3]
+            plen = total - 28
+            if (not (pkt[6] & 0x3F or pkt[7]) and plen > 0 and total <= n
+                    and ((pkt[24] << 8) | pkt[25]) == plen + 8):
+                self._first = pkt
+                self._parts = [pkt[:total]]
+                self._count = 1
+                self._size = total
+                self._hlen = 28
+                self._mss = plen
+                self._next_seq = 0
+                self._psh = 0
+                self._header = _UDP_RUN
+                self._template = _UDP_RUN.unpack_from(pkt)
+                self._udp = True
                 return
         self.write_one(pkt)
 
@@ -159,27 +208,41 @@ class TunWriter:
         if count == 1:
             self.write_one(first if len(first) == size else first[:size])
             return
-        head, hlen = self._head, self._hlen
+        head, hlen, udp = self._head, self._hlen, self._udp
         head[:hlen] = first[:hlen]
         head[2:4] = _U16.pack(size)
         head[10:12] = b"\0\0"
         head[10:12] = _U16.pack(internet_checksum(head[:20]))
-        head[33] |= self._psh
-        # CHECKSUM_PARTIAL: the TCP checksum field holds the pseudo-header sum, uncomplemented.
+        # CHECKSUM_PARTIAL: the TCP or UDP checksum field holds the pseudo-header sum,
+        # uncomplemented; the kernel completes each segment's.
         a, b, c, d = _ADDRS.unpack_from(head, 12)
-        pseudo = a + b + c + d + 6 + size - 20
+        pseudo = a + b + c + d + (17 if udp else 6) + size - 20
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
         pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-        head[36:38] = _U16.pack(pseudo)
-        vnet = _VNET.pack(_NEEDS_CSUM, _GSO_TCPV4, hlen, self._mss, 20, 16)
+        parts, self._parts = self._parts, []
+        if udp:
+            head[24:26] = _U16.pack(size - 20)
+            head[26:28] = _U16.pack(pseudo)
+            vnet = _VNET.pack(_NEEDS_CSUM, _GSO_UDP_L4, 28, self._mss, 20, 6)
+            iov = [vnet, head[:28], *[p[28:] for p in parts]]
+        else:
+            head[33] |= self._psh
+            head[36:38] = _U16.pack(pseudo)
+            vnet = _VNET.pack(_NEEDS_CSUM, _GSO_TCPV4, hlen, self._mss, 20, 16)
+            iov = [vnet, head[:hlen], *parts]
         try:
-            os.writev(self.fd, [vnet, head[:hlen], *self._parts])
+            os.writev(self.fd, iov)
         except OSError as exc:
+            if udp and exc.errno == errno.EINVAL:
+                # A kernel that takes no UDP GSO from a TUN writer: these go one by one,
+                # as they came, and so do later UDP datagrams.
+                self.udp_gso = False
+                for packet in parts:
+                    self.write_one(packet)
+                return
             if exc.errno not in _TRANSIENT:
                 raise
             self.errors += count
             return
-        finally:
-            self._parts = []
         self.gso_writes += 1
         self.merged += count

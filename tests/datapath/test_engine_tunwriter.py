@@ -198,3 +198,70 @@ def test_a_batch_larger_than_the_decrypt_arena_reaches_the_tun_intact(tmp_path) 
     assert right.tun.sent == []  # every segment went out in a run
     assert payload == b"".join(s[52:] for s in segments)
     assert writes in (-(-count // 40), -(-count // 40) + 1)  # (+1: a run cut at the wrap)
+
+
+def dgram(payload: bytes, *, sport: int = 5000, ttl: int = 64, length: int | None = None
+          ) -> bytes:
+    pkt = IP(src="10.1.0.2", dst="10.4.0.2", flags="DF", ttl=ttl) / UDP(
+        sport=sport, dport=5201) / Raw(payload)
+    if length is not None:
+        pkt[UDP].len = length
+    return bytes(pkt)
+
+
+def test_udp_datagrams_of_one_size_become_one_gso_packet() -> None:
+    """As UDP GRO forwarding: equal datagrams of a flow, the last possibly shorter, go out as
+    one UDP_L4 GSO packet that the kernel cuts back into the same datagrams."""
+    sink = Sink()
+    datagrams = [dgram(bytes([i]) * 1000) for i in range(6)] + [dgram(b"tail")]
+    for d in datagrams:
+        sink.writer.push(d)
+    sink.writer.push(dgram(b"x" * 1000))  # after the short one: a run of its own
+    sink.writer.flush()
+    ((header, packet),) = sink.gso()
+    assert header == (1, 5, 28, 1000, 20, 6)
+    assert len(packet) == 28 + 6 * 1000 + 4
+    assert internet_checksum(packet[:20]) == 0
+    assert struct.unpack("!H", packet[24:26])[0] == len(packet) - 20  # the UDP length
+    src_dst = struct.unpack("!4H", packet[12:20])
+    total = sum(src_dst) + 17 + len(packet) - 20
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert struct.unpack("!H", packet[26:28])[0] == total  # checksum partial
+    assert packet[28:] == b"".join(d[28:] for d in datagrams)
+    assert sink.singles == [dgram(b"x" * 1000)]
+    assert sink.writer.merged == 7 and sink.writer.gso_writes == 1
+
+
+def test_udp_runs_break_on_any_header_difference() -> None:
+    sink = Sink()
+    base = dgram(b"a" * 500)
+    others = [dgram(b"b" * 500, sport=5001), dgram(b"c" * 500, ttl=9),
+              dgram(b"d" * 600),  # larger than the run's datagrams
+              dgram(b"e" * 500, length=400)]  # a UDP length that is not the packet's
+    for other in others:
+        sink.writer.push(base)
+        sink.writer.push(other)
+        sink.writer.flush()
+    assert sink.gso() == []
+    assert sink.singles == [p for other in others for p in (base, other)]
+
+
+def test_udp_datagrams_go_singly_where_the_kernel_takes_no_udp_gso(monkeypatch) -> None:
+    """Before Linux 6.2 a TUN refuses VIRTIO_NET_HDR_GSO_UDP_L4 with EINVAL: the run's
+    datagrams are written as they came, and later ones are not merged any more."""
+    import datapath.tunwriter as tunwriter
+
+    def refuse(fd: int, buffers: list[bytes]) -> int:
+        raise OSError(22, "Invalid argument")
+
+    sink = Sink()
+    monkeypatch.setattr(tunwriter.os, "writev", refuse)
+    datagrams = [dgram(bytes([i]) * 300) for i in range(3)]
+    for d in datagrams:
+        sink.writer.push(d)
+    sink.writer.flush()
+    assert sink.singles == datagrams and not sink.writer.udp_gso
+    sink.writer.push(datagrams[0])
+    assert sink.singles == [*datagrams, datagrams[0]]  # written at once: no run started
+    assert sink.writer.errors == 0

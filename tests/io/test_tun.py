@@ -176,3 +176,24 @@ def _ports(tun: TunDevice, slots: PacketSlots) -> list[int]:
     n = tun.read_batch(slots)
     return [IP(bytes(slots.packet(i)))[UDP].dport for i in range(n)
             if slots.packet(i)[0] >> 4 == 4 and slots.packet(i)[9] == 17]
+
+
+def test_a_merged_udp_run_reaches_the_socket_as_the_datagrams_it_was(
+        netns_harness: NetnsHarness) -> None:
+    """TunWriter's UDP GSO write into a real TUN: the kernel cuts it back into the same
+    datagrams (the short last one included) and delivers each."""
+    from datapath.tunwriter import TunWriter
+
+    ns = netns_harness.netns("tun")
+    tun = _tun_in(ns, vnet_hdr=True)
+    rx = _sock(ns, socket.AF_INET, 7000)
+    writer = TunWriter(tun.fd, tun.write, vnet=True)
+    payloads = [bytes([65 + i]) * 1200 for i in range(5)] + [b"last"]
+    for payload in payloads:
+        writer.push(bytes(IP(src="10.9.0.2", dst="10.9.0.1", flags="DF") /
+                          UDP(sport=1234, dport=7000) / Raw(payload)))
+    writer.flush()
+    assert (writer.gso_writes, writer.merged, writer.errors) == (1, 6, 0)
+    got = collect(lambda: _recv(rx), len(payloads))
+    assert got == [(p, "10.9.0.2", 1234) for p in payloads]
+    tun.close()
