@@ -112,7 +112,8 @@ class Inbound:
                 self._dropped(sa, drop.reason)
                 continue
             start, at = at, end + _HEADROOM
-            if sa is run_sa and nh == 4 and run_tunnel and append_at(buf, start, end):
+            if (sa is run_sa and (nh == 4 or nh == 41) and run_tunnel
+                    and append_at(buf, start, end)):
                 run_packets += 1
                 run_bytes += end - start
                 continue

@@ -39,37 +39,48 @@ _VNET = struct.Struct("<BBHHHH")  # virtio_net_hdr (little-endian: legacy virtio
 _ZERO_VNET = bytes(_VNET.size)
 _NEEDS_CSUM = 1
 _GSO_TCPV4 = 1
+_GSO_TCPV6 = 4
 _GSO_UDP_L4 = 5  # VIRTIO_NET_HDR_GSO_UDP_L4 (Linux 6.2+ takes it from a TUN writer)
 _ADDRS = struct.Struct("!HHHH")
 _U16 = struct.Struct("!H")
 MAX_SEGMENTS = 64  # the kernel's GRO bound (MAX_GSO_SEGS is larger; keep to GRO's)
 MAX_GSO_BYTES = 65535
-_MAX_HLEN = 80  # a run's headers: IPv4 without options (push takes IHL 5 only), TCP up to 60
+_MAX_HLEN = 100  # a run's headers: IPv4 without options or IPv6 (40), TCP up to 60
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.EINVAL, errno.EIO)
 _PSH = 0x08
 
 Buffer = bytes | bytearray | memoryview
 
 
-def _run_header(hlen: int) -> struct.Struct:
-    """The IPv4 + TCP header fields (``hlen`` bytes) that must be equal across a run: all but
-    total length, IPv4 id and checksum, sequence number, flags (_VARIABLE) and TCP checksum."""
-    return struct.Struct(f"!H4xI2xQI4xIBxH2xH{hlen - 40}s")
+def _run_header(ip_len: int, hlen: int) -> struct.Struct:
+    """The IP + TCP header fields (``hlen`` bytes, the IP header ``ip_len``) that must be
+    equal across a run: all but the IP length, IPv4 id and checksum, sequence number, flags
+    (the run's variable struct) and TCP checksum. IPv6: version, traffic class and flow
+    label, next header, hop limit and addresses."""
+    ip = "!H4xI2xQ" if ip_len == 20 else "!I2xBB32s"
+    return struct.Struct(f"{ip}I4xIBxH2xH{hlen - ip_len - 20}s")
 
 
-_RUN_HEADERS = {hlen: _run_header(hlen) for hlen in range(40, 81, 4)}  # TCP data offset 5-15
-_VARIABLE = struct.Struct("!2xH20xI5xB")  # total length, sequence number, TCP flags
-# UDP: the IPv4 header but total length, id and checksum, and the ports must repeat.
+# TCP data offset 5-15 behind an IPv4 (IHL 5) or IPv6 (no extension headers) header.
+_RUN_HEADERS = {(ip_len, ip_len + tcp): _run_header(ip_len, ip_len + tcp)
+                for ip_len in (20, 40) for tcp in range(20, 61, 4)}
+# The IP length field (IPv4: total length, IPv6: payload length), sequence number, flags.
+_VARIABLE = struct.Struct("!2xH20xI5xB")
+_VARIABLE6 = struct.Struct("!4xH38xI5xB")
+# UDP: the IP header as for TCP, and the ports must repeat.
 _UDP_RUN = struct.Struct("!H4xI2xQI")
-_UDP_VARIABLE = struct.Struct("!2xH20xH")  # total length, UDP length
+_UDP_RUN6 = struct.Struct("!I2xBB32sI")
+_UDP_VARIABLE = struct.Struct("!2xH20xH")  # IP length field, UDP length
+_UDP_VARIABLE6 = struct.Struct("!4xH38xH")
+_ADDRS6 = struct.Struct("!16H")
 
 
 class TunWriter:
     """Packet writer for one TUN fd (``vnet``: the device has IFF_VNET_HDR)."""
 
     __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "udp_gso",
-                 "_head", "_first", "_parts", "_count", "_size", "_hlen", "_mss", "_next_seq",
-                 "_psh", "_udp", "_header", "_template")
+                 "_head", "_first", "_parts", "_count", "_size", "_ip_len", "_hlen", "_mss",
+                 "_next_seq", "_psh", "_udp", "_header", "_template", "_variable", "_base")
 
     def __init__(self, fd: int, write_one: Callable[[Buffer], bool], *, vnet: bool) -> None:
         self.fd = fd
@@ -78,23 +89,28 @@ class TunWriter:
         self.errors = 0  # segments of GSO packets the kernel refused
         self.merged = 0  # segments written as part of a GSO packet
         self.gso_writes = 0
+        self.udp_gso = vnet  # False once the kernel refused a UDP GSO write (before 6.2)
         self._head = memoryview(bytearray(_MAX_HLEN))  # the GSO packet's headers, patched
-        # The pending run: its first packet and every segment's payload, referenced (the
-        # caller keeps them unchanged until flush) and written with one writev.
+        # The pending run: its first packet and every segment's payload (UDP: every whole
+        # datagram), referenced (the caller keeps them unchanged until flush) and written
+        # with one writev.
         self._first: Buffer = b""
         self._parts: list[Buffer] = []
         self._count = 0  # segments pending
         self._size = 0  # bytes of the GSO packet so far
-        self._hlen = 0
+        self._ip_len = 20  # the run's IP header: 20 (IPv4) or 40 (IPv6)
+        self._hlen = 0  # IP and transport headers
         self._mss = 0
-        self._next_seq = 0  # -1: the run takes no more segments
+        self._next_seq = 0  # TCP: the next sequence number; -1: the run takes no more
         self._psh = 0
-        self._udp = False  # the pending run is UDP datagrams (_parts: whole packets)
-        self.udp_gso = vnet  # False once the kernel refused a UDP GSO write (before 6.2)
+        self._udp = False
         # The fields of the run's header that a packet must repeat to join it, and the
-        # struct that reads them; None: no run.
-        self._header = _RUN_HEADERS[40]
+        # struct that reads them (None: no run); the struct that reads the fields that vary,
+        # and what turns the IP length field into the packet's length (IPv6: + 40).
+        self._header = _RUN_HEADERS[20, 40]
         self._template: tuple[object, ...] | None = None
+        self._variable = _VARIABLE
+        self._base = 0
 
     def append(self, pkt: Buffer) -> bool:
         """Add ``pkt`` to the pending run if it continues it (the next in-order segment of the
@@ -115,7 +131,8 @@ class TunWriter:
             return False
         if self._udp:
             return self._append_udp(buf, at, end)
-        total, seq, flags = _VARIABLE.unpack_from(buf, at)
+        length, seq, flags = self._variable.unpack_from(buf, at)
+        total = length + self._base
         hlen = self._hlen
         plen = total - hlen
         size = self._size
@@ -136,10 +153,11 @@ class TunWriter:
     def _append_udp(self, buf: Buffer, at: int, end: int) -> bool:
         # Datagrams of the run's size, the last one possibly shorter (it closes the run),
         # as UDP GRO forwarding merges them: GSO cuts them apart again the same way.
-        total, length = _UDP_VARIABLE.unpack_from(buf, at)
-        plen = total - 28
+        length, udp_length = self._variable.unpack_from(buf, at)
+        total = length + self._base
+        plen = total - self._hlen
         size = self._size
-        if (self._next_seq or length != plen + 8 or not 0 < plen <= self._mss
+        if (self._next_seq or udp_length != plen + 8 or not 0 < plen <= self._mss
                 or total > end - at or size + plen > MAX_GSO_BYTES):
             return False
         self._parts.append(buf[at:at + total])
@@ -155,46 +173,60 @@ class TunWriter:
             return
         if self._count:
             self.flush()
+        if not (self.vnet and self._start(pkt)):
+            self.write_one(pkt)
+
+    def _start(self, pkt: Buffer) -> bool:
+        """Make ``pkt`` the first of a run if it can have followers: IPv4 without options
+        or fragmentation, or IPv6 without extension headers, carrying TCP (ACK, maybe PSH,
+        with payload) or UDP (with payload, the UDP length consistent)."""
         n = len(pkt)
-        if self.vnet and n > 40 and pkt[0] == 0x45 and pkt[9] == 6:
-            total = (pkt[2] << 8) | pkt[3]
-            hlen = 20 + (pkt[32] >> 4) * 4
-            flags = pkt[33]
-            if (not (pkt[6] & 0x3F or pkt[7]) and (flags == 0x10 or flags == 0x18)
-                    and hlen >= 40 and hlen < total <= n):
-                self._first = pkt
-                self._parts = [pkt[hlen:total]]
-                self._count = 1
-                self._size = total
-                self._hlen = hlen
-                self._mss = total - hlen
-                self._next_seq = (int.from_bytes(pkt[24:28], "big") + total - hlen) & 0xFFFFFFFF
-                self._psh = flags & _PSH
-                if self._psh:
-                    self.flush()
-                    return
-                header = self._header = _RUN_HEADERS[hlen]
-                self._template = header.unpack_from(pkt)
-                self._udp = False
-                return
-        if self.udp_gso and n > 28 and pkt[0] == 0x45 and pkt[9] == 17:
-            total = (pkt[2] << 8) | pkt[3]
-            plen = total - 28
-            if (not (pkt[6] & 0x3F or pkt[7]) and plen > 0 and total <= n
-                    and ((pkt[24] << 8) | pkt[25]) == plen + 8):
-                self._first = pkt
-                self._parts = [pkt[:total]]
-                self._count = 1
-                self._size = total
-                self._hlen = 28
-                self._mss = plen
-                self._next_seq = 0
-                self._psh = 0
-                self._header = _UDP_RUN
-                self._template = _UDP_RUN.unpack_from(pkt)
-                self._udp = True
-                return
-        self.write_one(pkt)
+        if n > 28 and pkt[0] == 0x45 and not (pkt[6] & 0x3F or pkt[7]):
+            ip_len, proto, total = 20, pkt[9], (pkt[2] << 8) | pkt[3]
+            variable = _UDP_VARIABLE if proto == 17 else _VARIABLE
+        elif n > 48 and pkt[0] >> 4 == 6:
+            ip_len, proto, total = 40, pkt[6], 40 + ((pkt[4] << 8) | pkt[5])
+            variable = _UDP_VARIABLE6 if proto == 17 else _VARIABLE6
+        else:
+            return False
+        if total > n:
+            return False
+        if proto == 6 and n >= ip_len + 20:
+            hlen = ip_len + (pkt[ip_len + 12] >> 4) * 4
+            flags = pkt[ip_len + 13]
+            if not (flags == 0x10 or flags == 0x18) or not ip_len + 20 <= hlen < total:
+                return False
+            seq = int.from_bytes(pkt[ip_len + 4:ip_len + 8], "big")
+            self._next_seq = (seq + total - hlen) & 0xFFFFFFFF
+            self._psh = flags & _PSH
+            header = _RUN_HEADERS[ip_len, hlen]
+            udp = False
+        elif proto == 17 and self.udp_gso:
+            hlen = ip_len + 8
+            if not (hlen < total and (pkt[ip_len + 4] << 8) | pkt[ip_len + 5] == total - ip_len):
+                return False
+            self._next_seq = 0
+            self._psh = 0
+            header = _UDP_RUN if ip_len == 20 else _UDP_RUN6
+            udp = True
+        else:
+            return False
+        self._first = pkt
+        self._parts = [pkt[:total] if udp else pkt[hlen:total]]
+        self._count = 1
+        self._size = total
+        self._ip_len = ip_len
+        self._hlen = hlen
+        self._mss = total - hlen
+        self._udp = udp
+        self._variable = variable
+        self._base = ip_len if ip_len == 40 else 0  # (IPv6's length field omits its header)
+        if self._psh:
+            self.flush()
+            return True
+        self._header = header
+        self._template = header.unpack_from(pkt)
+        return True
 
     def flush(self) -> None:
         """Write what is pending: one packet as it came, several as one GSO packet."""
@@ -206,29 +238,37 @@ class TunWriter:
         first, self._first = self._first, b""
         size = self._size
         if count == 1:
+            self._parts = []
             self.write_one(first if len(first) == size else first[:size])
             return
-        head, hlen, udp = self._head, self._hlen, self._udp
+        head, ip_len, hlen, udp = self._head, self._ip_len, self._hlen, self._udp
         head[:hlen] = first[:hlen]
-        head[2:4] = _U16.pack(size)
-        head[10:12] = b"\0\0"
-        head[10:12] = _U16.pack(internet_checksum(head[:20]))
+        payload = size - ip_len  # what the transport checksum covers
+        if ip_len == 20:
+            head[2:4] = _U16.pack(size)
+            head[10:12] = b"\0\0"
+            head[10:12] = _U16.pack(internet_checksum(head[:20]))
+            pseudo = sum(_ADDRS.unpack_from(head, 12))
+            gso_type = _GSO_UDP_L4 if udp else _GSO_TCPV4
+        else:
+            head[4:6] = _U16.pack(payload)
+            pseudo = sum(_ADDRS6.unpack_from(head, 8))
+            gso_type = _GSO_UDP_L4 if udp else _GSO_TCPV6
         # CHECKSUM_PARTIAL: the TCP or UDP checksum field holds the pseudo-header sum,
         # uncomplemented; the kernel completes each segment's.
-        a, b, c, d = _ADDRS.unpack_from(head, 12)
-        pseudo = a + b + c + d + (17 if udp else 6) + size - 20
-        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
-        pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
+        pseudo += (17 if udp else 6) + payload
+        while pseudo >> 16:
+            pseudo = (pseudo & 0xFFFF) + (pseudo >> 16)
         parts, self._parts = self._parts, []
         if udp:
-            head[24:26] = _U16.pack(size - 20)
-            head[26:28] = _U16.pack(pseudo)
-            vnet = _VNET.pack(_NEEDS_CSUM, _GSO_UDP_L4, 28, self._mss, 20, 6)
-            iov = [vnet, head[:28], *[p[28:] for p in parts]]
+            head[ip_len + 4:ip_len + 6] = _U16.pack(payload)
+            head[ip_len + 6:ip_len + 8] = _U16.pack(pseudo)
+            vnet = _VNET.pack(_NEEDS_CSUM, gso_type, hlen, self._mss, ip_len, 6)
+            iov = [vnet, head[:hlen], *[p[hlen:] for p in parts]]
         else:
-            head[33] |= self._psh
-            head[36:38] = _U16.pack(pseudo)
-            vnet = _VNET.pack(_NEEDS_CSUM, _GSO_TCPV4, hlen, self._mss, 20, 16)
+            head[ip_len + 13] |= self._psh
+            head[ip_len + 16:ip_len + 18] = _U16.pack(pseudo)
+            vnet = _VNET.pack(_NEEDS_CSUM, gso_type, hlen, self._mss, ip_len, 16)
             iov = [vnet, head[:hlen], *parts]
         try:
             os.writev(self.fd, iov)

@@ -46,7 +46,10 @@ class Sink:
         out = []
         while data:
             header = struct.unpack("<BBHHHH", data[:10])
-            length = struct.unpack("!H", data[12:14])[0]
+            if data[10] >> 4 == 6:
+                length = 40 + struct.unpack("!H", data[14:16])[0]
+            else:
+                length = struct.unpack("!H", data[12:14])[0]
             out.append((header, data[10:10 + length]))
             data = data[10 + length:]
         return out
@@ -265,3 +268,61 @@ def test_udp_datagrams_go_singly_where_the_kernel_takes_no_udp_gso(monkeypatch) 
     sink.writer.push(datagrams[0])
     assert sink.singles == [*datagrams, datagrams[0]]  # written at once: no run started
     assert sink.writer.errors == 0
+
+
+def seg6(seq: int, size: int = MSS, *, flags: str = "A", hlim: int = 64) -> bytes:
+    from scapy.layers.inet6 import IPv6
+
+    return bytes(IPv6(src="fd01::2", dst="fd04::2", hlim=hlim, fl=7) /
+                 TCP(sport=40000, dport=5201, seq=seq, ack=7, flags=flags, window=500,
+                     options=[("Timestamp", (1, 2))]) / Raw(bytes([seq % 251]) * size))
+
+
+def test_an_ipv6_run_of_segments_becomes_one_gso_packet() -> None:
+    from scapy.layers.inet6 import IPv6
+
+    sink = Sink()
+    segments = [seg6(1000 + i * MSS) for i in range(4)] + [seg6(5000, 300, flags="PA")]
+    for s in segments:
+        sink.writer.push(s)
+    sink.writer.push(seg6(5300, hlim=3))  # another hop limit: not part of the run
+    sink.writer.flush()
+    ((header, packet),) = sink.gso()
+    hlen = 40 + 32
+    assert header == (1, 4, hlen, MSS, 40, 16)
+    assert len(packet) == hlen + 4 * MSS + 300
+    assert struct.unpack("!H", packet[4:6])[0] == len(packet) - 40
+    tcp = IPv6(packet)[TCP]
+    assert tcp.seq == 1000 and tcp.flags == "PA"
+    assert bytes(tcp.payload) == b"".join(bytes(IPv6(s)[TCP].payload) for s in segments)
+    total = sum(struct.unpack("!16H", packet[8:40])) + 6 + len(packet) - 40
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert struct.unpack("!H", packet[56:58])[0] == total
+    assert sink.singles == [seg6(5300, hlim=3)]
+
+
+def test_ipv6_udp_datagrams_of_one_size_become_one_gso_packet() -> None:
+    from scapy.layers.inet6 import IPv6
+
+    def d6(payload: bytes, sport: int = 5000) -> bytes:
+        return bytes(IPv6(src="fd01::2", dst="fd04::2") / UDP(sport=sport, dport=53) /
+                     Raw(payload))
+
+    sink = Sink()
+    datagrams = [d6(bytes([i]) * 700) for i in range(3)] + [d6(b"end")]
+    for d in datagrams:
+        sink.writer.push(d)
+    sink.writer.push(d6(b"z" * 700, sport=5001))
+    sink.writer.flush()
+    ((header, packet),) = sink.gso()
+    length = len(packet)
+    assert header == (1, 5, 48, 700, 40, 6)
+    assert length == 48 + 3 * 700 + 3
+    assert struct.unpack("!H", packet[44:46])[0] == length - 40  # the UDP length
+    total = sum(struct.unpack("!16H", packet[8:40])) + 17 + length - 40
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    assert struct.unpack("!H", packet[46:48])[0] == total
+    assert packet[48:] == b"".join(d[48:] for d in datagrams)
+    assert sink.singles == [d6(b"z" * 700, sport=5001)]

@@ -178,22 +178,28 @@ def _ports(tun: TunDevice, slots: PacketSlots) -> list[int]:
             if slots.packet(i)[0] >> 4 == 4 and slots.packet(i)[9] == 17]
 
 
+@pytest.mark.parametrize(
+    ("family", "ip_layer", "peer", "local"),
+    [(socket.AF_INET, IP, "10.9.0.2", "10.9.0.1"), (socket.AF_INET6, IPv6, "fd09::2", "fd09::1")],
+    ids=["v4", "v6"],
+)
 def test_a_merged_udp_run_reaches_the_socket_as_the_datagrams_it_was(
-        netns_harness: NetnsHarness) -> None:
+        netns_harness: NetnsHarness, family: int, ip_layer: type[Packet], peer: str,
+        local: str) -> None:
     """TunWriter's UDP GSO write into a real TUN: the kernel cuts it back into the same
     datagrams (the short last one included) and delivers each."""
     from datapath.tunwriter import TunWriter
 
     ns = netns_harness.netns("tun")
     tun = _tun_in(ns, vnet_hdr=True)
-    rx = _sock(ns, socket.AF_INET, 7000)
+    rx = _sock(ns, family, 7000)
     writer = TunWriter(tun.fd, tun.write, vnet=True)
     payloads = [bytes([65 + i]) * 1200 for i in range(5)] + [b"last"]
     for payload in payloads:
-        writer.push(bytes(IP(src="10.9.0.2", dst="10.9.0.1", flags="DF") /
-                          UDP(sport=1234, dport=7000) / Raw(payload)))
+        writer.push(bytes(ip_layer(src=peer, dst=local) / UDP(sport=1234, dport=7000) /
+                          Raw(payload)))
     writer.flush()
     assert (writer.gso_writes, writer.merged, writer.errors) == (1, 6, 0)
     got = collect(lambda: _recv(rx), len(payloads))
-    assert got == [(p, "10.9.0.2", 1234) for p in payloads]
+    assert got == [(p, peer, 1234) for p in payloads]
     tun.close()
