@@ -373,10 +373,7 @@ class Outbound:
                 if raw is None:
                     stats.tx_errors += count
                     continue
-                peer = ctx.addr[0]
-                sent = 0
-                for d in datagrams:
-                    sent += raw.send(d, peer)
+                sent = raw.send_batch(datagrams, ctx.addr[0])
             stats.tx_errors += count - sent
 
     def _too_big(self, pkt: Buffer, version: int, mtu: int) -> None:

@@ -419,3 +419,21 @@ class RawEspSocket(_OuterSocket):
     def send(self, esp: Buffer, peer: str) -> bool:
         """Send an ESP packet (SPI onwards); the kernel adds the IP header."""
         return self._sendto(esp, (peer, 0))
+
+    def send_batch(self, packets: Sequence[Buffer], peer: str) -> int:
+        """Send ESP packets to one peer in order, one sendto each (a raw socket has no GSO);
+        returns how many the kernel took, the rest counted as dropped."""
+        sendto = self.sock.sendto
+        addr = (peer, 0)
+        sent = 0
+        for esp in packets:
+            try:
+                sendto(esp, addr)
+            except OSError as exc:
+                if exc.errno not in _TRANSIENT:
+                    raise
+                continue
+            sent += 1
+        self.stats.tx_datagrams += sent
+        self.stats.tx_dropped += len(packets) - sent
+        return sent

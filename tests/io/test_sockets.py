@@ -172,9 +172,12 @@ def test_raw_esp_between_namespaces(ab: tuple[Netns, Netns], family: int, dst: s
     assert got == [(p, src) for p in esp]  # v4: IP header stripped; v6: none to strip
     if family == socket.AF_INET:
         assert batch.offset[0] == 20
-    # And back the other way, so both ends really receive.
+    # And back the other way, so both ends really receive: one by one, then as a batch.
     assert tb.send(esp[0], src)
     assert _drain(ta, 1) == [esp[0]]
+    assert tb.send_batch([memoryview(p) for p in esp], src) == 5
+    assert _drain(ta, 5) == esp
+    assert tb.stats.tx_datagrams == 6 and tb.stats.tx_dropped == 0
 
 
 def test_datagram_batch_indexes_datagrams_across_receives() -> None:
