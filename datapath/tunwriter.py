@@ -220,7 +220,7 @@ class TunWriter:
         self._mss = total - hlen
         self._udp = udp
         self._variable = variable
-        self._base = ip_len if ip_len == 40 else 0  # (IPv6's length field omits its header)
+        self._base = 0 if ip_len == 20 else 40  # (IPv6's length field omits its header)
         if self._psh:
             self.flush()
             return True
