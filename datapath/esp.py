@@ -295,11 +295,12 @@ class EspTransform(abc.ABC):
             outmv[icv_at:end] = h.finalize()[:self._icv_len]
         return end
 
-    @abc.abstractmethod
     def _encrypt(
         self, seq: int, work: memoryview, ptlen: int, out: memoryview, offset: int
     ) -> None:
-        """Write header, IV and ciphertext (and an AEAD tag) of the plaintext in ``work``."""
+        """Write header, IV and ciphertext of the plaintext in ``work`` (for the base
+        ``seal_staged``; the AEAD class has its own and needs none)."""
+        raise NotImplementedError
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -368,11 +369,12 @@ class EspTransform(abc.ABC):
             raise EspDrop(DropReason.DUMMY)
         return next_header, pay_end
 
-    @abc.abstractmethod
     def _decrypt(
         self, seq: int, data: memoryview, ctlen: int, out: memoryview, offset: int
     ) -> None:
-        """Write the ``ctlen`` plaintext bytes at ``out[offset:]``; AEADs raise EspDrop(AUTH)."""
+        """Write the ``ctlen`` plaintext bytes at ``out[offset:]`` (for the base
+        ``open_into``; the AEAD class has its own and needs none)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(spi={self.spi:#010x}, {self.encryption}/"
@@ -402,11 +404,11 @@ class _NullEsp(EspTransform):
 class _AeadEsp(EspTransform):
     """AES-GCM (RFC 4106) and ChaCha20-Poly1305 (RFC 7634): IV = 64-bit sequence number."""
 
-    __slots__ = ("_aead", "_salt", "_salt_int")
+    __slots__ = ("_aead", "_salt_int")
 
     def _setup(self, enc: Algorithm, key: bytes) -> None:
-        key, self._salt = key[:-enc.salt_bytes], key[-enc.salt_bytes:]
-        self._salt_int = int.from_bytes(self._salt, "big") << 64
+        key, salt = key[:-enc.salt_bytes], key[-enc.salt_bytes:]
+        self._salt_int = int.from_bytes(salt, "big") << 64  # nonce = salt | 64-bit IV
         self._aead = AESGCM(key) if enc.name == "aes-gcm-16" else ChaCha20Poly1305(key)
 
     def seal_from(
@@ -437,28 +439,8 @@ class _AeadEsp(EspTransform):
     def seal_staged(
         self, n: int, next_header: int, out: bytearray | memoryview, offset: int = 0,
     ) -> int:
-        # The base class's, with _encrypt inlined and no HMAC: the per-segment path of TSO.
-        seq = self._next_seq
-        if seq > self._seq_limit:
-            raise SequenceExhausted(f"SPI {self.spi:#010x}: sequence numbers used up")
-        padlen = -(n + 2) & self._align_mask
-        ptlen = n + padlen + 2
-        end = offset + 32 + ptlen
-        outmv = memoryview(out)
-        if end > len(outmv) or n > MAX_PAYLOAD:
-            raise ValueError(f"output buffer too small or payload too large ({n} bytes)")
-        self._next_seq = seq + 1
-        work = self._work
-        work[n:ptlen] = _TRAILERS[padlen][next_header]
-        low = seq & _LOW
-        head = ((self._spi_hi | low) << 64 | seq).to_bytes(16, "big")
-        outmv[offset:offset + 16] = head
-        self._aead.encrypt_into(
-            (self._salt_int | seq).to_bytes(12, "big"), work[:ptlen],
-            _AAD_ESN.pack(self.spi, seq >> 32, low) if self.esn else head[:8],
-            outmv[offset + 16:end],
-        )
-        return end
+        # An AEAD's staging buffer holds the payload from its start: seal from there.
+        return self.seal_from(self._work, n, next_header, memoryview(out), offset)
 
     def open_into(
         self, packet: bytes | bytearray | memoryview, out: bytearray | memoryview,
@@ -513,30 +495,6 @@ class _AeadEsp(EspTransform):
         if next_header == NEXT_HEADER_DUMMY:
             raise EspDrop(DropReason.DUMMY)
         return next_header, pay_end
-
-    def _encrypt(
-        self, seq: int, work: memoryview, ptlen: int, out: memoryview, offset: int
-    ) -> None:
-        # int.to_bytes is several times cheaper than Struct.pack_into on a memoryview here.
-        low = seq & _LOW
-        head = ((self._spi_hi | low) << 64 | seq).to_bytes(16, "big")
-        out[offset:offset + 16] = head
-        aad = _AAD_ESN.pack(self.spi, seq >> 32, low) if self.esn else head[:8]
-        self._aead.encrypt_into(
-            (self._salt_int | seq).to_bytes(12, "big"), work[:ptlen], aad,
-            out[offset + 16:offset + 32 + ptlen],
-        )
-
-    def _decrypt(
-        self, seq: int, data: memoryview, ctlen: int, out: memoryview, offset: int
-    ) -> None:
-        aad = _AAD_ESN.pack(self.spi, seq >> 32, seq & _LOW) if self.esn else data[:8]
-        try:
-            self._aead.decrypt_into(
-                self._salt + data[8:16], data[16:], aad, out[offset:offset + ctlen]
-            )
-        except InvalidTag:
-            raise EspDrop(DropReason.AUTH) from None
 
 
 class _CbcEsp(EspTransform):
