@@ -468,7 +468,8 @@ class _AeadEsp(EspTransform):
             raise EspDrop(DropReason.MALFORMED)
         replay = self.replay
         esn = self.esn
-        if low > replay.highest and not esn:
+        highest = replay.highest
+        if low == highest + 1 and not esn:
             seq = low
         else:
             checked = replay.check(low)
@@ -483,7 +484,10 @@ class _AeadEsp(EspTransform):
                 out[offset:end])
         except InvalidTag:
             raise EspDrop(DropReason.AUTH) from None
-        replay.accept(seq)
+        if seq == highest + 1:
+            replay.highest = seq  # in order: ReplayWindow.accept's whole work
+        else:
+            replay.accept(seq)
         if end < 6:  # (the trailer read below would start before the buffer)
             return self._trailer(out, offset, end)
         pad4, padlen, next_header = _TRAILER.unpack_from(out, end - 6)

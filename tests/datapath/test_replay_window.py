@@ -151,3 +151,35 @@ def test_esn_inference_recovers_full_numbers(start: int, steps: list[int]) -> No
             continue
         assert w.check(seq & 0xFFFFFFFF) == seq
         w.accept(seq)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    size=st.sampled_from([0, 1, 2, 32, 64, 65, 1024]),
+    events=st.lists(st.one_of(st.integers(min_value=0, max_value=3000),
+                              st.integers(min_value=1, max_value=80).map(lambda n: -n)),
+                    max_size=200),
+    direct=st.booleans(),
+)
+def test_in_order_runs_match_set_model(size: int, events: list[int], direct: bool) -> None:
+    """Runs of in-order packets (a negative event: that many), accepted as the ESP transform
+    does (``highest`` raised directly) or through ``accept``, mixed with arbitrary numbers:
+    the window answers as a set of everything accepted would (size 0: no check at all)."""
+    w = ReplayWindow(size)
+    accepted: set[int] = set()
+    highest = 0
+    for event in events:
+        for seq in range(highest + 1, highest + 1 - event) if event < 0 else (event,):
+            fresh = size == 0 or (seq != 0 and seq not in accepted and seq > highest - size)
+            assert (w.check(seq) is not None) == fresh
+            if not fresh:
+                continue
+            if direct and seq == w.highest + 1:
+                w.highest = seq
+            else:
+                w.accept(seq)
+            accepted.add(seq)
+            highest = max(highest, seq)
+        assert w.highest == highest
+    for seq in range(max(1, highest - size - 2), highest + 3):
+        assert w.seen(seq) == (seq in accepted and highest - seq < size)
