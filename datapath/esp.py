@@ -427,11 +427,14 @@ class _AeadEsp(EspTransform):
         self._next_seq = seq + 1
         buf[n:ptlen] = _TRAILERS[padlen][next_header]  # ValueError if buf has no room
         low = seq & _LOW
-        head = ((self._spi_hi | low) << 64 | seq).to_bytes(16, "big")
-        out[offset:offset + 16] = head
+        spi = self.spi
+        try:
+            _HDR_IV.pack_into(out, offset, spi, low, seq)  # SPI, sequence number, IV
+        except struct.error:
+            raise ValueError("no room for the ESP header") from None
         self._aead.encrypt_into(  # ValueError if out is too short
             (self._salt_int | seq).to_bytes(12, "big"), buf[:ptlen],
-            _AAD_ESN.pack(self.spi, seq >> 32, low) if self.esn else head[:8],
+            _AAD_ESN.pack(spi, seq >> 32, low) if self.esn else _HDR.pack(spi, low),
             out[offset + 16:end],
         )
         return end
