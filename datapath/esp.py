@@ -67,6 +67,9 @@ SEAL_TAIL = 258  # room seal_from may use after the payload: padding and the 2 t
 _LOW = 0xFFFFFFFF
 _HDR = struct.Struct("!II")  # SPI, low 32 bits of the sequence number
 _HDR_IV = struct.Struct("!IIQ")  # ... and a 64-bit IV (AES-GCM, ChaCha20-Poly1305)
+# The same read back with the IV as bytes, the nonce's tail (RFC 4106 4, RFC 7634 2): what
+# open_known takes (a 64-bit integer would cost a conversion each way).
+HEAD_IV = struct.Struct("!II8s")
 _AAD_ESN = struct.Struct("!III")  # RFC 4106 5 / RFC 7634 3: SPI, seq high, seq low
 _U32 = struct.Struct("!I")
 
@@ -313,12 +316,12 @@ class EspTransform(abc.ABC):
         return next_header, bytes(out[:end])
 
     def open_known(
-        self, packet: bytes | bytearray | memoryview, low: int, iv: int, out: memoryview,
+        self, packet: bytes | bytearray | memoryview, low: int, iv: bytes, out: memoryview,
         offset: int = 0,
     ) -> tuple[int, int]:
-        """``open_into`` for a caller that has read the first 16 bytes of ``packet`` as the
-        SPI (and found this transform by it), the low 32 bits of the sequence number and a
-        64-bit IV, and whose ``out`` is a memoryview. A transform with another IV ignores
+        """``open_into`` for a caller that has read the first 16 bytes of ``packet`` with
+        ``HEAD_IV``: the SPI (and found this transform by it), the low 32 bits of the sequence
+        number and an 8-byte IV; its ``out`` is a memoryview. A transform with another IV ignores
         ``low`` and ``iv``; an AEAD saves reading them again."""
         return self.open_into(packet, out, offset)
 
@@ -404,11 +407,10 @@ class _NullEsp(EspTransform):
 class _AeadEsp(EspTransform):
     """AES-GCM (RFC 4106) and ChaCha20-Poly1305 (RFC 7634): IV = 64-bit sequence number."""
 
-    __slots__ = ("_aead", "_salt_int")
+    __slots__ = ("_aead", "_salt")
 
     def _setup(self, enc: Algorithm, key: bytes) -> None:
-        key, salt = key[:-enc.salt_bytes], key[-enc.salt_bytes:]
-        self._salt_int = int.from_bytes(salt, "big") << 64  # nonce = salt | 64-bit IV
+        key, self._salt = key[:-enc.salt_bytes], key[-enc.salt_bytes:]  # nonce = salt | IV
         self._aead = AESGCM(key) if enc.name == "aes-gcm-16" else ChaCha20Poly1305(key)
 
     def seal_from(
@@ -433,7 +435,7 @@ class _AeadEsp(EspTransform):
         except struct.error:
             raise ValueError("no room for the ESP header") from None
         self._aead.encrypt_into(  # ValueError if out is too short
-            (self._salt_int | seq).to_bytes(12, "big"), buf[:ptlen],
+            self._salt + seq.to_bytes(8, "big"), buf[:ptlen],
             _AAD_ESN.pack(spi, seq >> 32, low) if self.esn else _HDR.pack(spi, low),
             out[offset + 16:end],
         )
@@ -452,7 +454,7 @@ class _AeadEsp(EspTransform):
         n = len(packet)
         if n - 32 < 2 or (n - 32) & self._align_mask:
             raise EspDrop(DropReason.MALFORMED)
-        spi, low, iv = _HDR_IV.unpack_from(packet)
+        spi, low, iv = HEAD_IV.unpack_from(packet)
         if spi != self.spi:
             raise EspDrop(DropReason.SPI_MISMATCH)
         if type(out) is not memoryview:
@@ -460,7 +462,7 @@ class _AeadEsp(EspTransform):
         return self.open_known(packet, low, iv, out, offset)
 
     def open_known(
-        self, packet: bytes | bytearray | memoryview, low: int, iv: int, out: memoryview,
+        self, packet: bytes | bytearray | memoryview, low: int, iv: bytes, out: memoryview,
         offset: int = 0,
     ) -> tuple[int, int]:
         # The base class's with _decrypt inlined, no HMAC and the replay check's common case
@@ -482,7 +484,7 @@ class _AeadEsp(EspTransform):
         end = offset + ctlen
         try:  # (decrypt_into refuses an output buffer of the wrong size with ValueError)
             self._aead.decrypt_into(
-                (self._salt_int | iv).to_bytes(12, "big"), packet[16:],
+                self._salt + iv, packet[16:],
                 _AAD_ESN.pack(self.spi, seq >> 32, low) if esn else _HDR.pack(self.spi, low),
                 out[offset:end])
         except InvalidTag:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 
-from datapath.esp import DropReason, EspDrop
+from datapath.esp import HEAD_IV, DropReason, EspDrop
 from datapath.flowkey import flow
 from datapath.ippacket import MalformedPacket, fix_l4_checksum, ip_header
 from datapath.satable import SaTable
@@ -37,7 +37,6 @@ _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
 ARENA_SIZE = 4 << 20  # decrypted packets of one batch; when full, the writer flushes first
 _LAST_START = ARENA_SIZE - _HEADROOM - 65536  # past it a packet may not fit: start over
 _HDR = struct.Struct("!II")  # SPI, sequence number: 8 bytes or it is not ESP
-_HDR_IV = struct.Struct("!IIQ")  # ... and a 64-bit IV (EspTransform.open_known)
 
 
 class Inbound:
@@ -85,13 +84,13 @@ class Inbound:
         at = _HEADROOM  # where the next packet is decrypted to
         for i, esp in enumerate(packets):
             try:
-                spi, low, iv = _HDR_IV.unpack_from(esp)
+                spi, low, iv = HEAD_IV.unpack_from(esp)
             except struct.error:  # too short for any ESP packet; maybe a marker or keepalive
                 spi = _HDR.unpack_from(esp)[0] if len(esp) >= 8 else 0
                 if spi and spi in by_spi:
                     stats.malformed += 1
                     continue
-                low = iv = 0
+                low, iv = 0, b""
             if not spi:
                 if other is not None:
                     other.append(i)
