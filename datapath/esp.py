@@ -66,9 +66,8 @@ SEAL_TAIL = 258  # room seal_from may use after the payload: padding and the 2 t
 
 _LOW = 0xFFFFFFFF
 _HDR = struct.Struct("!II")  # SPI, low 32 bits of the sequence number
-_HDR_IV = struct.Struct("!IIQ")  # ... and a 64-bit IV (AES-GCM, ChaCha20-Poly1305)
-# The same read back with the IV as bytes, the nonce's tail (RFC 4106 4, RFC 7634 2): what
-# open_known takes (a 64-bit integer would cost a conversion each way).
+# ... and the 8-byte IV of AES-GCM and ChaCha20-Poly1305, as bytes: the nonce's tail (RFC 4106
+# 4, RFC 7634 2), so it is converted once per packet, not once for the header and once for it.
 HEAD_IV = struct.Struct("!II8s")
 _AAD_ESN = struct.Struct("!III")  # RFC 4106 5 / RFC 7634 3: SPI, seq high, seq low
 _U32 = struct.Struct("!I")
@@ -430,12 +429,13 @@ class _AeadEsp(EspTransform):
         buf[n:ptlen] = _TRAILERS[padlen][next_header]  # ValueError if buf has no room
         low = seq & _LOW
         spi = self.spi
+        iv = seq.to_bytes(8, "big")
         try:
-            _HDR_IV.pack_into(out, offset, spi, low, seq)  # SPI, sequence number, IV
+            HEAD_IV.pack_into(out, offset, spi, low, iv)
         except struct.error:
             raise ValueError("no room for the ESP header") from None
         self._aead.encrypt_into(  # ValueError if out is too short
-            self._salt + seq.to_bytes(8, "big"), buf[:ptlen],
+            self._salt + iv, buf[:ptlen],
             _AAD_ESN.pack(spi, seq >> 32, low) if self.esn else _HDR.pack(spi, low),
             out[offset + 16:end],
         )
