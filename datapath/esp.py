@@ -269,10 +269,67 @@ class EspTransform(abc.ABC):
             self._work = memoryview(bytearray(need))
         return self._work[at:]
 
+    @abc.abstractmethod
     def seal_staged(
         self, n: int, next_header: int, out: bytearray | memoryview, offset: int = 0,
     ) -> int:
         """Seal the ``n``-byte payload at the start of ``staging()`` (see ``seal_into``)."""
+
+    # -- inbound ----------------------------------------------------------------------------
+
+    def open(self, packet: bytes | bytearray | memoryview) -> tuple[int, bytes]:
+        """``(next_header, payload)`` of an ESP packet, or raise ``EspDrop``."""
+        out = self._out
+        if len(out) < len(packet):
+            out = self._out = memoryview(bytearray(max(len(packet), 2048)))
+        next_header, end = self.open_into(packet, out, 0)
+        return next_header, bytes(out[:end])
+
+    def open_known(
+        self, packet: bytes | bytearray | memoryview, low: int, iv: bytes, out: memoryview,
+        offset: int = 0,
+    ) -> tuple[int, int]:
+        """``open_into`` for a caller that has read the first 16 bytes of ``packet`` with
+        ``HEAD_IV``: the SPI (and found this transform by it), the low 32 bits of the sequence
+        number and an 8-byte IV; its ``out`` is a memoryview. A transform with another IV ignores
+        ``low`` and ``iv``; an AEAD saves reading them again."""
+        return self.open_into(packet, out, offset)
+
+    @abc.abstractmethod
+    def open_into(
+        self, packet: bytes | bytearray | memoryview, out: bytearray | memoryview,
+        offset: int = 0,
+    ) -> tuple[int, int]:
+        """Decrypt into ``out[offset:]``; return ``(next_header, end of payload)``."""
+
+    @staticmethod
+    def _trailer(out: memoryview, offset: int, end: int) -> tuple[int, int]:
+        """``(next_header, end of payload)`` from the decrypted trailer before ``end``, after
+        checking the padding (RFC 4303 2.4: 1, 2, 3, ...) and refusing a dummy packet."""
+        padlen = out[end - 2]
+        next_header = out[end - 1]
+        pay_end = end - 2 - padlen
+        if pay_end < offset or out[pay_end:end - 2] != _PADS[padlen]:
+            raise EspDrop(DropReason.BAD_PADDING)
+        if next_header == NEXT_HEADER_DUMMY:
+            raise EspDrop(DropReason.DUMMY)
+        return next_header, pay_end
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(spi={self.spi:#010x}, {self.encryption}/"
+                f"{self.integrity}, esn={self.esn}, next_seq={self._next_seq})")
+
+
+class _CipherEsp(EspTransform):
+    """A cipher with a separate ICV (HMAC, or none for debugging): NULL, CBC and CTR. The
+    subclass encrypts and decrypts; sealing and opening around that (sequence number,
+    trailer, ICV, replay window) are common."""
+
+    __slots__ = ()
+
+    def seal_staged(
+        self, n: int, next_header: int, out: bytearray | memoryview, offset: int = 0,
+    ) -> int:
         seq = self._next_seq
         if seq > self._seq_limit:
             raise SequenceExhausted(f"SPI {self.spi:#010x}: sequence numbers used up")
@@ -297,38 +354,16 @@ class EspTransform(abc.ABC):
             outmv[icv_at:end] = h.finalize()[:self._icv_len]
         return end
 
+    @abc.abstractmethod
     def _encrypt(
         self, seq: int, work: memoryview, ptlen: int, out: memoryview, offset: int
     ) -> None:
-        """Write header, IV and ciphertext of the plaintext in ``work`` (for the base
-        ``seal_staged``; the AEAD class has its own and needs none)."""
-        raise NotImplementedError
-
-    # -- inbound ----------------------------------------------------------------------------
-
-    def open(self, packet: bytes | bytearray | memoryview) -> tuple[int, bytes]:
-        """``(next_header, payload)`` of an ESP packet, or raise ``EspDrop``."""
-        out = self._out
-        if len(out) < len(packet):
-            out = self._out = memoryview(bytearray(max(len(packet), 2048)))
-        next_header, end = self.open_into(packet, out, 0)
-        return next_header, bytes(out[:end])
-
-    def open_known(
-        self, packet: bytes | bytearray | memoryview, low: int, iv: bytes, out: memoryview,
-        offset: int = 0,
-    ) -> tuple[int, int]:
-        """``open_into`` for a caller that has read the first 16 bytes of ``packet`` with
-        ``HEAD_IV``: the SPI (and found this transform by it), the low 32 bits of the sequence
-        number and an 8-byte IV; its ``out`` is a memoryview. A transform with another IV ignores
-        ``low`` and ``iv``; an AEAD saves reading them again."""
-        return self.open_into(packet, out, offset)
+        """Write header, IV and ciphertext of the plaintext in ``work``."""
 
     def open_into(
         self, packet: bytes | bytearray | memoryview, out: bytearray | memoryview,
         offset: int = 0,
     ) -> tuple[int, int]:
-        """Decrypt into ``out[offset:]``; return ``(next_header, end of payload)``."""
         data = memoryview(packet)
         n = len(data)
         ctlen = n - self._head_len - self._icv_len
@@ -358,32 +393,14 @@ class EspTransform(abc.ABC):
         replay.accept(seq)
         return self._trailer(outmv, offset, end)
 
-    @staticmethod
-    def _trailer(out: memoryview, offset: int, end: int) -> tuple[int, int]:
-        """``(next_header, end of payload)`` from the decrypted trailer before ``end``, after
-        checking the padding (RFC 4303 2.4: 1, 2, 3, ...) and refusing a dummy packet."""
-        padlen = out[end - 2]
-        next_header = out[end - 1]
-        pay_end = end - 2 - padlen
-        if pay_end < offset or out[pay_end:end - 2] != _PADS[padlen]:
-            raise EspDrop(DropReason.BAD_PADDING)
-        if next_header == NEXT_HEADER_DUMMY:
-            raise EspDrop(DropReason.DUMMY)
-        return next_header, pay_end
-
+    @abc.abstractmethod
     def _decrypt(
         self, seq: int, data: memoryview, ctlen: int, out: memoryview, offset: int
     ) -> None:
-        """Write the ``ctlen`` plaintext bytes at ``out[offset:]`` (for the base
-        ``open_into``; the AEAD class has its own and needs none)."""
-        raise NotImplementedError
-
-    def __repr__(self) -> str:
-        return (f"{type(self).__name__}(spi={self.spi:#010x}, {self.encryption}/"
-                f"{self.integrity}, esn={self.esn}, next_seq={self._next_seq})")
+        """Write the ``ctlen`` plaintext bytes at ``out[offset:]``."""
 
 
-class _NullEsp(EspTransform):
+class _NullEsp(_CipherEsp):
     """RFC 2410 NULL encryption (integrity only)."""
 
     __slots__ = ()
@@ -506,7 +523,7 @@ class _AeadEsp(EspTransform):
         return next_header, pay_end
 
 
-class _CbcEsp(EspTransform):
+class _CbcEsp(_CipherEsp):
     """AES-CBC (RFC 3602) and (3)DES-CBC with persistent contexts; see the module doc."""
 
     __slots__ = ("_enc", "_dec", "_block", "_pool", "_pool_at")
@@ -550,7 +567,7 @@ class _CbcEsp(EspTransform):
 _CTR_SUFFIXES = (b"",) + tuple(_U32.pack(i) for i in range(1, (MAX_PAYLOAD >> 4) + 3))
 
 
-class _CtrEsp(EspTransform):
+class _CtrEsp(_CipherEsp):
     """AES-CTR (RFC 3686): IV = 64-bit sequence number, block = salt | IV | counter from 1."""
 
     __slots__ = ("_ecb", "_salt")
