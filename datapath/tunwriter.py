@@ -48,6 +48,7 @@ MAX_GSO_BYTES = 65535
 _MAX_HLEN = 100  # a run's headers: IPv4 without options or IPv6 (40), TCP up to 60
 _TRANSIENT = (errno.EAGAIN, errno.ENOBUFS, errno.EINVAL, errno.EIO)
 _PSH = 0x08
+_ACK_PSH = 0x18  # a run's flags: ACK, and PSH on its last segment
 
 Buffer = bytes | bytearray | memoryview
 
@@ -57,8 +58,12 @@ def _run_header(ip_len: int, hlen: int) -> struct.Struct:
     equal across a run: all but the IP length, IPv4 id and checksum, sequence number, flags
     (the run's variable struct) and TCP checksum. IPv6: version, traffic class and flow
     label, next header, hop limit and addresses."""
-    ip = "!H4xI2xQ" if ip_len == 20 else "!I2xBB32s"
-    return struct.Struct(f"{ip}I4xIBxH2xH{hlen - ip_len - 20}s")
+    # Equal bytes next to each other are read as one field: each field read is a new object.
+    # IPv4: version to TOS; fragment, TTL and protocol; addresses and ports. IPv6: version,
+    # traffic class and flow label; next header to ports. Then ACK number and data offset;
+    # window; urgent pointer and options.
+    ip = "!2s4x4s2x12s" if ip_len == 20 else "!4s2x38s"
+    return struct.Struct(f"{ip}4x5sx2s2x{hlen - ip_len - 18}s")
 
 
 # TCP data offset 5-15 behind an IPv4 (IHL 5) or IPv6 (no extension headers) header.
@@ -80,7 +85,7 @@ class TunWriter:
 
     __slots__ = ("fd", "vnet", "write_one", "errors", "merged", "gso_writes", "udp_gso",
                  "_head", "_first", "_parts", "_count", "_size", "_ip_len", "_hlen", "_mss",
-                 "_next_seq", "_psh", "_udp", "_header", "_template", "_variable", "_base")
+                 "_next_seq", "_psh", "_udp", "_header", "_template", "_variable", "_lead")
 
     def __init__(self, fd: int, write_one: Callable[[Buffer], bool], *, vnet: bool) -> None:
         self.fd = fd
@@ -106,11 +111,11 @@ class TunWriter:
         self._udp = False
         # The fields of the run's header that a packet must repeat to join it, and the
         # struct that reads them (None: no run); the struct that reads the fields that vary,
-        # and what turns the IP length field into the packet's length (IPv6: + 40).
+        # and what the IP length field counts beyond the payload (the headers, but IPv6's own).
         self._header = _RUN_HEADERS[20, 40]
         self._template: tuple[object, ...] | None = None
         self._variable = _VARIABLE
-        self._base = 0
+        self._lead = 0
 
     def append(self, pkt: Buffer) -> bool:
         """Add ``pkt`` to the pending run if it continues it (the next in-order segment of the
@@ -132,19 +137,23 @@ class TunWriter:
         if self._udp:
             return self._append_udp(buf, at, end)
         length, seq, flags = self._variable.unpack_from(buf, at)
-        total = length + self._base
-        hlen = self._hlen
-        plen = total - hlen
-        size = self._size
+        # (Each arithmetic result here is a new int object: the fewer, the faster.)
+        plen = length - self._lead
+        start = at + self._hlen
+        stop = start + plen
+        size = self._size + plen
         # (_next_seq is -1 once the run takes no more: after a short segment, or when full)
-        if (seq != self._next_seq or flags & ~_PSH != 0x10 or not 0 < plen <= self._mss
-                or total > end - at or size + plen > MAX_GSO_BYTES):
+        if (seq != self._next_seq or flags | _PSH != _ACK_PSH or not 0 < plen <= self._mss
+                or stop > end or size > MAX_GSO_BYTES):
             return False
-        self._parts.append(buf[at + hlen:at + total])
-        self._size = size + plen
+        self._parts.append(buf[start:stop])
+        self._size = size
         count = self._count = self._count + 1
-        self._next_seq = ((seq + plen) & 0xFFFFFFFF
-                          if plen == self._mss and count < MAX_SEGMENTS else -1)
+        if plen == self._mss and count < MAX_SEGMENTS:
+            seq += plen
+            self._next_seq = seq if seq <= 0xFFFFFFFF else seq - 0x100000000
+        else:
+            self._next_seq = -1
         if flags & _PSH:
             self._psh = _PSH
             self.flush()
@@ -154,8 +163,8 @@ class TunWriter:
         # Datagrams of the run's size, the last one possibly shorter (it closes the run),
         # as UDP GRO forwarding merges them: GSO cuts them apart again the same way.
         length, udp_length = self._variable.unpack_from(buf, at)
-        total = length + self._base
-        plen = total - self._hlen
+        plen = length - self._lead
+        total = plen + self._hlen
         size = self._size
         if (self._next_seq or udp_length != plen + 8 or not 0 < plen <= self._mss
                 or total > end - at or size + plen > MAX_GSO_BYTES):
@@ -220,7 +229,7 @@ class TunWriter:
         self._mss = total - hlen
         self._udp = udp
         self._variable = variable
-        self._base = 0 if ip_len == 20 else 40  # (IPv6's length field omits its header)
+        self._lead = hlen - (0 if ip_len == 20 else 40)  # (IPv6's length omits its header)
         if self._psh:
             self.flush()
             return True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import struct
 
+import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
@@ -300,6 +301,40 @@ def test_an_ipv6_run_of_segments_becomes_one_gso_packet() -> None:
         total = (total & 0xFFFF) + (total >> 16)
     assert struct.unpack("!H", packet[56:58])[0] == total
     assert sink.singles == [seg6(5300, hlim=3)]
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_a_changed_header_byte_breaks_a_run_unless_gro_lets_it_vary(version: int) -> None:
+    """Every byte of the IP and TCP headers, one at a time: a follower with that byte
+    changed joins the run only where Linux's GRO lets segments differ (IPv4 id, checksums,
+    PSH); a changed sequence number, address, port, TTL, ACK, window, option... breaks it."""
+    make = seg if version == 4 else seg6
+    ip_len = 20 if version == 4 else 40
+    hlen = ip_len + 32
+    length_field = (2, 3) if version == 4 else (4, 5)  # a shorter follower may join: below
+    may_vary = {ip_len + 16, ip_len + 17}  # TCP checksum
+    if version == 4:
+        may_vary |= {4, 5, 10, 11}  # id, header checksum
+    for at in range(hlen):
+        if at in length_field:
+            continue
+        for flip in ((0x08, 0x01) if at == ip_len + 13 else (0x01, 0x80)):  # flags: PSH, FIN
+            sink = Sink()
+            try:
+                sink.writer.push(make(1000))
+                follower = bytearray(make(1000 + MSS))
+                follower[at] ^= flip
+                joined = sink.writer.append(follower)
+                pushed = at == ip_len + 13 and flip == 0x08
+                assert joined == (at in may_vary or pushed), (at, hex(flip))
+            finally:
+                os.close(sink.read_fd)
+                os.close(sink.writer.fd)
+    sink = Sink()
+    sink.writer.push(make(1000))
+    shorter = bytearray(make(1000 + MSS, MSS - 1))
+    assert sink.writer.append(shorter)  # the length field says a short last segment
+    assert not sink.writer.append(make(1000 + 2 * MSS - 1))  # ... which ends the run
 
 
 def test_ipv6_udp_datagrams_of_one_size_become_one_gso_packet() -> None:
