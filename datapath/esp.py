@@ -439,8 +439,8 @@ class _AeadEsp(EspTransform):
             raise SequenceExhausted(f"SPI {self.spi:#010x}: sequence numbers used up")
         if n > MAX_PAYLOAD:
             raise ValueError(f"payload too large ({n} bytes)")
-        padlen = -(n + 2) & self._align_mask
-        ptlen = n + padlen + 2
+        padlen = (-2 - n) & self._align_mask  # (as below: fewer intermediate ints)
+        ptlen = n + (padlen + 2)
         end = offset + 32 + ptlen
         self._next_seq = seq + 1
         buf[n:ptlen] = _TRAILERS[padlen][next_header]  # ValueError if buf has no room
@@ -490,8 +490,8 @@ class _AeadEsp(EspTransform):
             raise EspDrop(DropReason.MALFORMED)
         replay = self.replay
         esn = self.esn
-        highest = replay.highest
-        if low == highest + 1 and not esn:
+        following = replay.highest + 1
+        if low == following and not esn:
             seq = low
         else:
             checked = replay.check(low)
@@ -506,14 +506,14 @@ class _AeadEsp(EspTransform):
                 out[offset:end])
         except InvalidTag:
             raise EspDrop(DropReason.AUTH) from None
-        if seq == highest + 1:
+        if seq == following:
             replay.highest = seq  # in order: ReplayWindow.accept's whole work
         else:
             replay.accept(seq)
         if end < 6:  # (the trailer read below would start before the buffer)
             return self._trailer(out, offset, end)
         pad4, padlen, next_header = _TRAILER.unpack_from(out, end - 6)
-        pay_end = end - 2 - padlen
+        pay_end = end - (padlen + 2)  # (a small int is cached: one new int, not two)
         if padlen and (pay_end < offset or (
                 pad4 & _PAD_MASK[padlen] != _PAD_WORD[padlen] if padlen <= 4
                 else out[pay_end:end - 2] != _PADS[padlen])):
