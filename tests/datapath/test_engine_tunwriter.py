@@ -145,6 +145,18 @@ def test_every_field_gro_compares_breaks_a_run() -> None:
     assert len(packet) == 52 + 2 * MSS + 10 and sink.singles == []
 
 
+def test_a_run_goes_on_across_the_sequence_number_wrap() -> None:
+    sink = Sink()
+    first = (1 << 32) - MSS - MSS // 2
+    seqs = [first, first + MSS, (first + 2 * MSS) & 0xFFFFFFFF]
+    for seq in seqs:
+        sink.writer.push(seg(seq))
+    sink.writer.flush()
+    ((header, packet),) = sink.gso()
+    assert header[3] == MSS and len(packet) == 52 + 3 * MSS and sink.singles == []
+    assert IP(packet)[TCP].seq == first
+
+
 def test_append_at_reads_only_the_packet_it_is_given() -> None:
     """append_at's struct reads may run past ``end`` into other bytes of the buffer: a
     packet cut short there must still be refused, and a whole one at an offset appended."""
