@@ -439,7 +439,8 @@ class _AeadEsp(EspTransform):
             raise SequenceExhausted(f"SPI {self.spi:#010x}: sequence numbers used up")
         if n > MAX_PAYLOAD:
             raise ValueError(f"payload too large ({n} bytes)")
-        padlen = (-2 - n) & self._align_mask  # (as below: fewer intermediate ints)
+        # (Written so that each line makes one new int: padlen + 2 is a cached small int.)
+        padlen = (-2 - n) & self._align_mask
         ptlen = n + (padlen + 2)
         end = offset + 32 + ptlen
         self._next_seq = seq + 1

@@ -164,13 +164,13 @@ class TunWriter:
         # as UDP GRO forwarding merges them: GSO cuts them apart again the same way.
         length, udp_length = self._variable.unpack_from(buf, at)
         plen = length - self._lead
-        total = plen + self._hlen
-        size = self._size
+        stop = at + self._hlen + plen
+        size = self._size + plen
         if (self._next_seq or udp_length != plen + 8 or not 0 < plen <= self._mss
-                or total > end - at or size + plen > MAX_GSO_BYTES):
+                or stop > end or size > MAX_GSO_BYTES):
             return False
-        self._parts.append(buf[at:at + total])
-        self._size = size + plen
+        self._parts.append(buf[at:stop])
+        self._size = size
         count = self._count = self._count + 1
         if plen != self._mss or count >= MAX_SEGMENTS:
             self._next_seq = -1
