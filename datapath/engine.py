@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from datapath.encap import NAT_KEEPALIVE, NON_ESP_MARKER, UdpKind, classify
-from datapath.esp import SEAL_TAIL
+from datapath.esp import SEAL_HEAD, SEAL_TAIL, SealSlot
 from datapath.inbound import Inbound
 from datapath.keepalive import KeepalivePeers
 from datapath.netconf import NetConfig, NetConfigError, RoutingPolicy, tun_mtu
@@ -139,7 +139,9 @@ class Datapath:
         self._fixed_mtu: int = config.tun_mtu
         self.mtu = self._fixed_mtu or tun_mtu(config.path_mtu, WORST_OVERHEAD,
                                               ipv6=config.path_mtu - WORST_OVERHEAD >= 1280)
-        self._slots = PacketSlots(BATCH, tail=SEAL_TAIL)  # sealed where they are read
+        # Packets are sealed where they are read: room for the ESP header and trailer.
+        self._slots = PacketSlots(BATCH, head=SEAL_HEAD, tail=SEAL_TAIL)
+        self._seal_slots = [SealSlot(whole) for whole in self._slots.whole]
         self._batch = DatagramBatch(BATCH)
         self._ike: IkeHandler | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -260,15 +262,15 @@ class Datapath:
         tun, outbound = self.tun, self.outbound
         if tun is None or outbound is None:
             return
-        slots = self._slots
-        views, lengths = slots.views, slots.lengths
+        slots, seal_slots = self._slots, self._seal_slots
+        lengths = slots.lengths
         vnet = slots.vnet if getattr(tun, "offload", 0) else None
         for _ in range(MAX_BATCHES):
             n = tun.read_batch(slots)
             if not n:
                 break
             self.counters.tun_packets += n
-            outbound.process_slots(views, lengths, n, self.clock(), vnet)
+            outbound.process_slots(seal_slots, lengths, n, self.clock(), vnet)
             if n < BATCH:
                 break
 

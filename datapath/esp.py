@@ -9,14 +9,17 @@ knows nothing about IP: tunnel or transport mode is the caller's choice of ``nex
 
 Outbound: ``seal(payload, next_header) -> bytes`` gives SPI|seq|IV|ciphertext|ICV, with the
 RFC 4303 padding (1, 2, 3, ...) inside the ciphertext; ``seal_into(payload, next_header, out,
-offset) -> end`` writes the same bytes into a caller's buffer (room for outer headers in front).
+offset) -> end`` writes the same bytes into a caller's buffer (room for outer headers in front);
+``seal_slot(slot, n, next_header)`` turns the payload at the start of a ``SealSlot``'s body into
+the ESP packet where it lies (an AEAD encrypts in place: the datapath's per-packet path).
 IVs: random and unpredictable for CBC, the 64-bit sequence number for GCM/ChaCha20/CTR (unique
 per packet because the counter never repeats). When the counter is used up (2^32 - 1 without
 ESN, 2^64 - 1 with it) ``seal`` raises ``SequenceExhausted`` and the caller must expire the SA.
 
 Inbound: ``open(packet) -> (next_header, payload)``; ``open_into(packet, out, offset) ->
 (next_header, end)`` writes the payload at ``out[offset:end]`` (``out`` needs ``len(packet)``
-bytes from ``offset``). Any reason not to deliver raises ``EspDrop`` whose ``reason`` is a
+bytes from ``offset``); an AEAD also has ``open_in_place``, which decrypts a received packet
+over its own ciphertext. Any reason not to deliver raises ``EspDrop`` whose ``reason`` is a
 ``DropReason``; it is the only exception bad input can cause. Exceptions keep the common path
 free of result checks; drops are the rare path. A dummy packet (next header 59, RFC 4303 2.6)
 is authenticated and recorded in the replay window, then raised as ``EspDrop(DUMMY)``, which
@@ -62,7 +65,12 @@ from userspace_ipsec.algorithms import (
 
 NEXT_HEADER_DUMMY = 59  # RFC 4303 2.6: "no next header", a dummy (TFC) packet
 MAX_PAYLOAD = 65535
-SEAL_TAIL = 258  # room seal_from may use after the payload: padding and the 2 trailer bytes
+AEAD_HEAD = 16  # an AEAD packet's bytes before the ciphertext: SPI, sequence number, 8-byte IV
+AEAD_ICV = 16  # ... and after it: the tag (AES-GCM-16, ChaCha20-Poly1305)
+# Room a packet sealed where it lies needs in front of it (the ESP header) and behind it
+# (padding, the 2 trailer bytes and the ICV): see SealSlot.
+SEAL_HEAD = AEAD_HEAD
+SEAL_TAIL = 258 + AEAD_ICV
 
 _LOW = 0xFFFFFFFF
 _HDR = struct.Struct("!II")  # SPI, low 32 bits of the sequence number
@@ -70,6 +78,8 @@ _HDR = struct.Struct("!II")  # SPI, low 32 bits of the sequence number
 # 4, RFC 7634 2), so it is converted once per packet, not once for the header and once for it.
 HEAD_IV = struct.Struct("!II8s")
 _AAD_ESN = struct.Struct("!III")  # RFC 4106 5 / RFC 7634 3: SPI, seq high, seq low
+_HDR_SEQ = struct.Struct("!IIQ")  # SPI, low 32 bits and all 64 bits (the IV) of the number
+_NONCE = struct.Struct("!4sQ")  # salt, IV
 _U32 = struct.Struct("!I")
 
 # Padding bytes for each pad length (RFC 4303 2.4: 1, 2, 3, ...), and the whole trailer
@@ -117,6 +127,50 @@ class SequenceExhausted(Exception):  # noqa: N818
 
 class EspConfigError(ValueError):
     """Parameters that cannot make an ESP SA (unknown algorithm, bad key length, ...)."""
+
+
+class SealSlot:
+    """A buffer in which a packet becomes an ESP packet where it lies: SEAL_HEAD bytes of
+    room for the ESP header, the payload at ``body`` and SEAL_TAIL bytes of room behind it.
+
+    An AEAD writes the header in front, the trailer behind and encrypts in place
+    (``EspTransform.seal_slot``). The views of one payload size (what is encrypted, where
+    the ciphertext and tag go, the whole packet) are made when that size first comes and
+    kept while it repeats, as it does in a stream: sealing then makes no slice at all."""
+
+    __slots__ = ("buf", "body", "ptlen", "plain", "sealed", "packet", "_spare")
+
+    def __init__(self, buf: memoryview) -> None:
+        if len(buf) <= SEAL_HEAD + SEAL_TAIL:
+            raise ValueError("a SealSlot needs room for a payload")
+        self.buf = buf
+        self.body = buf[SEAL_HEAD:]  # the payload, then the room behind it
+        self.ptlen = -1  # the plaintext size (payload, padding, trailer) the views are for
+        self.plain = self.sealed = self.packet = buf[:0]
+        self._spare: memoryview | None = None
+
+    @classmethod
+    def holding(cls, payload: bytes | bytearray | memoryview) -> SealSlot:
+        """A new slot just big enough for ``payload``, copied in."""
+        n = len(payload)
+        slot = cls(memoryview(bytearray(SEAL_HEAD + n + SEAL_TAIL)))
+        slot.body[:n] = payload
+        return slot
+
+    def fit(self, ptlen: int) -> None:
+        """Make the views for a plaintext of ``ptlen`` bytes (ValueError if it cannot fit)."""
+        if ptlen + AEAD_ICV > len(self.body):
+            raise ValueError(f"no room to seal {ptlen} bytes in place")
+        self.plain = self.body[:ptlen]
+        self.sealed = self.body[:ptlen + AEAD_ICV]
+        self.packet = self.buf[:SEAL_HEAD + ptlen + AEAD_ICV]
+        self.ptlen = ptlen
+
+    def spare(self) -> memoryview:
+        """A second buffer as big as this one, for a transform that cannot seal in place."""
+        if self._spare is None:
+            self._spare = memoryview(bytearray(len(self.buf) + 64))
+        return self._spare
 
 
 class EspTransform(abc.ABC):
@@ -245,26 +299,25 @@ class EspTransform(abc.ABC):
             raise ValueError(f"payload too large ({n} bytes)")
         at = self._pt_at
         work = self._work
-        if len(work) < at + n + 258:  # room for the payload, padding, trailer
-            work = self._work = memoryview(bytearray(max(at + n + 258, 2048)))
+        if len(work) < at + n + SEAL_TAIL:  # room for the payload, padding, trailer (ICV)
+            work = self._work = memoryview(bytearray(max(at + n + SEAL_TAIL, 2048)))
         work[at:at + n] = payload
         return self.seal_staged(n, next_header, out, offset)
 
-    def seal_from(
-        self, buf: memoryview, n: int, next_header: int, out: memoryview, offset: int = 0,
-    ) -> int:
-        """``seal_into`` of the payload at ``buf[:n]``, where ``buf`` is writable and has
-        SEAL_TAIL bytes after the payload that this call may overwrite: an AEAD writes the
-        trailer there and encrypts from ``buf`` itself, so a packet read into a buffer with
-        that room is sealed without being copied first."""
-        return self.seal_into(buf[:n], next_header, out, offset)
+    def seal_slot(self, slot: SealSlot, n: int, next_header: int) -> memoryview:
+        """Seal the ``n``-byte payload at ``slot.body``; return the ESP packet, a view that
+        stays valid until the slot is reused. An AEAD seals in place (see SealSlot); the
+        others seal into the slot's spare buffer."""
+        out = slot.spare()
+        return out[:self.seal_into(slot.body[:n], next_header, out)]
 
     def staging(self) -> memoryview:
         """The buffer ``seal_staged`` seals from: write the payload (up to MAX_PAYLOAD bytes)
-        at its start. Valid until the next ``staging`` or ``seal_into`` on this transform;
-        lets a caller build a packet in place instead of copying it in."""
+        at its start. Valid until the next ``staging`` or ``seal_into`` on this transform,
+        and sealing may overwrite all of it (an AEAD encrypts there); lets a caller build a
+        packet in place instead of copying it in."""
         at = self._pt_at
-        need = at + MAX_PAYLOAD + 258
+        need = at + MAX_PAYLOAD + SEAL_TAIL
         if len(self._work) < need:
             self._work = memoryview(bytearray(need))
         return self._work[at:]
@@ -301,6 +354,18 @@ class EspTransform(abc.ABC):
         offset: int = 0,
     ) -> tuple[int, int]:
         """Decrypt into ``out[offset:]``; return ``(next_header, end of payload)``."""
+
+    opens_in_place = False  # True: open_in_place works (an AEAD: AEAD_HEAD and AEAD_ICV)
+
+    def open_in_place(
+        self, low: int, iv: bytes, sealed: memoryview, plain: memoryview, ctlen: int,
+    ) -> tuple[int, int]:
+        """Open a packet where it lies; only where ``opens_in_place``. The caller has read
+        the first AEAD_HEAD bytes with ``HEAD_IV`` (the SPI, which found this transform,
+        ``low`` and ``iv``); ``sealed`` is the rest (ciphertext and tag) and ``plain`` the
+        ``ctlen`` bytes at its start, where the plaintext goes. Returns ``(next_header,
+        payload length)``: the payload is at the start of ``plain``."""
+        raise NotImplementedError(f"{type(self).__name__} cannot open in place")
 
     @staticmethod
     def _trailer(out: memoryview, offset: int, end: int) -> tuple[int, int]:
@@ -423,47 +488,51 @@ class _NullEsp(_CipherEsp):
 class _AeadEsp(EspTransform):
     """AES-GCM (RFC 4106) and ChaCha20-Poly1305 (RFC 7634): IV = 64-bit sequence number."""
 
-    __slots__ = ("_aead", "_salt")
+    __slots__ = ("_aead", "_salt", "_stage")
 
     def _setup(self, enc: Algorithm, key: bytes) -> None:
         key, self._salt = key[:-enc.salt_bytes], key[-enc.salt_bytes:]  # nonce = salt | IV
         self._aead = AESGCM(key) if enc.name == "aes-gcm-16" else ChaCha20Poly1305(key)
+        self._pt_at = SEAL_HEAD  # the staging buffer is a SealSlot (seal_staged)
+        self._stage: SealSlot | None = None
 
-    def seal_from(
-        self, buf: memoryview, n: int, next_header: int, out: memoryview, offset: int = 0,
-    ) -> int:
-        # seal_staged with the caller's buffer as the staging buffer: the outbound datapath
-        # seals each packet straight from the slot the TUN read it into.
+    def seal_slot(self, slot: SealSlot, n: int, next_header: int) -> memoryview:
+        # The ciphertext goes over the plaintext (OpenSSL's AEADs take input and output at
+        # the same address), through the views the slot keeps for this size: the outbound
+        # datapath's per-packet path, and the AEAD's only sealing routine.
         seq = self._next_seq
         if seq > self._seq_limit:
             raise SequenceExhausted(f"SPI {self.spi:#010x}: sequence numbers used up")
         if n > MAX_PAYLOAD:
             raise ValueError(f"payload too large ({n} bytes)")
-        # (Written so that each line makes one new int: padlen + 2 is a cached small int.)
         padlen = (-2 - n) & self._align_mask
         ptlen = n + (padlen + 2)
-        end = offset + 32 + ptlen
+        if slot.ptlen != ptlen:
+            slot.fit(ptlen)
         self._next_seq = seq + 1
-        buf[n:ptlen] = _TRAILERS[padlen][next_header]  # ValueError if buf has no room
+        slot.body[n:ptlen] = _TRAILERS[padlen][next_header]
         low = seq & _LOW
         spi = self.spi
-        iv = seq.to_bytes(8, "big")
-        try:
-            HEAD_IV.pack_into(out, offset, spi, low, iv)
-        except struct.error:
-            raise ValueError("no room for the ESP header") from None
-        self._aead.encrypt_into(  # ValueError if out is too short
-            self._salt + iv, buf[:ptlen],
+        _HDR_SEQ.pack_into(slot.buf, 0, spi, low, seq)
+        self._aead.encrypt_into(
+            _NONCE.pack(self._salt, seq), slot.plain,
             _AAD_ESN.pack(spi, seq >> 32, low) if self.esn else _HDR.pack(spi, low),
-            out[offset + 16:end],
+            slot.sealed,
         )
-        return end
+        return slot.packet
 
     def seal_staged(
         self, n: int, next_header: int, out: bytearray | memoryview, offset: int = 0,
     ) -> int:
-        # An AEAD's staging buffer holds the payload from its start: seal from there.
-        return self.seal_from(self._work, n, next_header, memoryview(out), offset)
+        # The staging buffer is a SealSlot: seal there, then copy the packet out.
+        end = offset + self.sealed_len(n)
+        if end > len(out):  # (refused before a sequence number is taken)
+            raise ValueError(f"output buffer too small ({len(out)} bytes, {end} needed)")
+        stage = self._stage
+        if stage is None or stage.buf.obj is not self._work.obj:  # new or grown
+            stage = self._stage = SealSlot(self._work)
+        out[offset:end] = self.seal_slot(stage, n, next_header)
+        return end
 
     def open_into(
         self, packet: bytes | bytearray | memoryview, out: bytearray | memoryview,
@@ -483,10 +552,19 @@ class _AeadEsp(EspTransform):
         self, packet: bytes | bytearray | memoryview, low: int, iv: bytes, out: memoryview,
         offset: int = 0,
     ) -> tuple[int, int]:
-        # The base class's with _decrypt inlined, no HMAC and the replay check's common case
-        # (the next packet in order, without ESN) decided here: each step on the per-packet
-        # path of the receiving gateway is a few hundred instructions of the interpreter.
         ctlen = len(packet) - 32
+        next_header, size = self.open_in_place(
+            low, iv, memoryview(packet)[16:], out[offset:offset + ctlen], ctlen)
+        return next_header, offset + size
+
+    opens_in_place = True
+
+    def open_in_place(
+        self, low: int, iv: bytes, sealed: memoryview, plain: memoryview, ctlen: int,
+    ) -> tuple[int, int]:
+        # The base class's open_known with _decrypt inlined, no HMAC and the replay check's
+        # common case (the next packet in order, without ESN) decided here: each step on the
+        # receiving gateway's per-packet path is a few hundred instructions of the interpreter.
         if ctlen < 2 or ctlen & self._align_mask:
             raise EspDrop(DropReason.MALFORMED)
         replay = self.replay
@@ -499,29 +577,28 @@ class _AeadEsp(EspTransform):
             if checked is None:
                 raise EspDrop(DropReason.REPLAY)
             seq = checked
-        end = offset + ctlen
         try:  # (decrypt_into refuses an output buffer of the wrong size with ValueError)
             self._aead.decrypt_into(
-                self._salt + iv, packet[16:],
+                self._salt + iv, sealed,
                 _AAD_ESN.pack(self.spi, seq >> 32, low) if esn else _HDR.pack(self.spi, low),
-                out[offset:end])
+                plain)
         except InvalidTag:
             raise EspDrop(DropReason.AUTH) from None
         if seq == following:
             replay.highest = seq  # in order: ReplayWindow.accept's whole work
         else:
             replay.accept(seq)
-        if end < 6:  # (the trailer read below would start before the buffer)
-            return self._trailer(out, offset, end)
-        pad4, padlen, next_header = _TRAILER.unpack_from(out, end - 6)
-        pay_end = end - (padlen + 2)  # (a small int is cached: one new int, not two)
-        if padlen and (pay_end < offset or (
+        if ctlen < 6:  # (the trailer read below would start before the buffer)
+            return self._trailer(plain, 0, ctlen)
+        pad4, padlen, next_header = _TRAILER.unpack_from(plain, ctlen - 6)
+        size = ctlen - (padlen + 2)  # (a small int is cached: one new int, not two)
+        if padlen and (size < 0 or (
                 pad4 & _PAD_MASK[padlen] != _PAD_WORD[padlen] if padlen <= 4
-                else out[pay_end:end - 2] != _PADS[padlen])):
+                else plain[size:ctlen - 2] != _PADS[padlen])):
             raise EspDrop(DropReason.BAD_PADDING)
         if next_header == NEXT_HEADER_DUMMY:
             raise EspDrop(DropReason.DUMMY)
-        return next_header, pay_end
+        return next_header, size
 
 
 class _CbcEsp(_CipherEsp):

@@ -4,14 +4,17 @@ Only outbound ipsec policies have routes into the TUN (datapath.routes), so a pa
 here normally matches one; one that matches none, or a discard/none policy, is dropped and
 counted ("none" traffic is never routed here: bypass is the kernel's plain routing).
 
-``process_slots(bufs, lengths, count, now, vnet)`` handles a batch as the TUN reader left it:
-each packet is sealed from the slot it was read into (an AEAD writes the ESP trailer in the
-room after it and encrypts from there, so nothing is copied first) into its own preallocated
-output slot and, per destination, the batch goes out in one GSO send where the socket can.
-``process(packets, ...)`` takes a list of packets (held ones, tests) and copies them into such
-buffers. ``vnet`` (a TUN with offloads on) gives each packet's virtio_net_hdr: a partial
-checksum is completed first, and a TCP super-packet (TSO) is looked up once and cut into
-segments (datapath.segment) that are sealed one by one, so one read feeds one GSO send.
+``process_slots(slots, lengths, count, now, vnet)`` handles a batch as the TUN reader left
+it: in tunnel mode each packet becomes an ESP packet in the slot it was read into
+(``EspTransform.seal_slot``: an AEAD writes the ESP header in front of it and the trailer
+behind it and encrypts in place, so nothing is copied) and, per destination, the batch goes
+out in one GSO send where the socket can. Transport mode and TSO segments are sealed into
+preallocated output slots. ``process(packets, ...)`` takes a list of packets (held ones,
+tests) and copies each into a slot of its own. ``vnet`` (a TUN with offloads on) gives each
+packet's virtio_net_hdr: a partial checksum is completed first, and a TCP super-packet (TSO)
+is looked up once and cut into segments (datapath.segment) that are sealed one by one, so
+one read feeds one GSO send.
+
 Within a batch, an IPv4 packet with the protocol, addresses and ports of the packet before it
 (which went to a tunnel SA) skips the parse and both lookups; its size is still checked.
 A packet whose policy has no SA yet is held (bounded per policy, oldest dropped) while the
@@ -25,7 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
 
-from datapath.esp import SEAL_TAIL, SequenceExhausted
+from datapath.esp import SealSlot, SequenceExhausted
 from datapath.flowkey import flow
 from datapath.ippacket import (
     MalformedPacket,
@@ -87,6 +90,7 @@ class Outbound:
         self.held: dict[Policy, deque[bytes]] = {}
         self.last_sent: dict[tuple[object, ...], float] = {}  # sendto address -> time
         self._routes: dict[tuple[Policy, bytes, bytes], _Route] = {}
+        # Output slots for what is not sealed where it was read: transport mode, segments.
         self._slots = [memoryview(bytearray(SLOT_SIZE)) for _ in range(batch)]
         # slot i's sealed datagram as the view handed to the socket, kept while a stream's
         # datagrams keep its size: one slice fewer per packet
@@ -111,26 +115,23 @@ class Outbound:
     def process(self, packets: Sequence[Buffer], now: float,
                 vnet: Sequence[memoryview] | None = None) -> None:
         """Seal and send a list of packets (``vnet[i]``: packet i's virtio_net_hdr when the
-        TUN has offloads on). Each is copied into a buffer with room after it first; the TUN
-        reader uses ``process_slots``, which seals where the packets were read."""
-        bufs = []
-        for pkt in packets:
-            buf = memoryview(bytearray(len(pkt) + SEAL_TAIL))
-            buf[:len(pkt)] = pkt
-            bufs.append(buf)
-        self.process_slots(bufs, [len(p) for p in packets], len(bufs), now, vnet)
+        TUN has offloads on). Each is copied into a slot of its own first; the TUN reader
+        uses ``process_slots``, which seals where the packets were read."""
+        slots = [SealSlot.holding(pkt) for pkt in packets]
+        self.process_slots(slots, [len(p) for p in packets], len(slots), now, vnet)
 
-    def process_slots(self, bufs: Sequence[memoryview], lengths: Sequence[int], count: int,
+    def process_slots(self, slots: Sequence[SealSlot], lengths: Sequence[int], count: int,
                       now: float, vnet: Sequence[memoryview] | None = None) -> None:
-        """Seal and send packets 0..count: packet i is ``bufs[i][:lengths[i]]`` and its
-        buffer has SEAL_TAIL writable bytes after it (the ESP trailer goes there)."""
+        """Seal and send packets 0..count: packet i is ``slots[i].body[:lengths[i]]``; the
+        datagrams sealed in place are sent before this returns, so the slots may then be
+        read into again."""
         self._busy = True
         try:
-            self._process(bufs, lengths, count, now, vnet)
+            self._process(slots, lengths, count, now, vnet)
         finally:
             self._busy = False
 
-    def _process(self, bufs: Sequence[memoryview], lengths: Sequence[int], count: int,
+    def _process(self, inputs: Sequence[SealSlot], lengths: Sequence[int], count: int,
                  now: float, vnet: Sequence[memoryview] | None) -> None:
         stats = self.stats
         lookup = self.kernel.spd.lookup_packed
@@ -157,7 +158,8 @@ class Outbound:
                 groups = {}
                 used = 0
                 last_proto = -1
-            buf = bufs[k]
+            slot = inputs[k]
+            buf = slot.body
             got = lengths[k]
             gso = 0
             if vnet is None:
@@ -171,19 +173,13 @@ class Outbound:
                             and buf[6] & 0x40):
                         self._too_big(buf[:got], 4, route.fits)  # type: ignore[union-attr]
                         continue
-                    out = slots[used]
                     try:
-                        end = tr.seal_from(buf, length, 4, out)
+                        group.append(tr.seal_slot(slot, length, 4))
                     except SequenceExhausted:
                         stats.seq_exhausted += 1
                         self.deliver(self.kernel.expire_now(ctx.sa, now))  # type: ignore
                         last_proto = -1
                         continue
-                    view = sent_views[used]
-                    if len(view) != end:
-                        view = sent_views[used] = out[:end]
-                    used += 1
-                    group.append(view)
                     run_packets += 1
                     run_bytes += length
                     continue
@@ -257,20 +253,26 @@ class Outbound:
                     version == 6 or pkt[6] & 0x40):
                 self._too_big(pkt, version, route.fits)
                 continue
-            out = slots[used]
+            # The key of the packets that may follow this one down the shortcut, taken
+            # before sealing in place turns it into ciphertext.
+            if vnet is None and version == 4 and route.tunnel and pkt[0] == 0x45:
+                key, key_proto = bytes(buf[12:24]), proto
+            else:
+                key_proto = -1
             try:
                 if payload is None:
-                    end = tr.seal_from(buf, size, nh, out)
+                    view = tr.seal_slot(slot, size, nh)
                 else:
+                    out = slots[used]
                     end = tr.seal_into(payload, nh, out)
+                    view = sent_views[used]
+                    if len(view) != end:
+                        view = sent_views[used] = out[:end]
+                    used += 1
             except SequenceExhausted:
                 stats.seq_exhausted += 1
                 self.deliver(self.kernel.expire_now(ctx.sa, now))
                 continue
-            view = sent_views[used]
-            if len(view) != end:
-                view = sent_views[used] = out[:end]
-            used += 1
             group = groups.get(ctx)  # type: ignore[assignment]
             if group is None:
                 group = groups[ctx] = []
@@ -278,10 +280,9 @@ class Outbound:
             if run_sa is not None:
                 self._count(run_sa, run_packets, run_bytes, marked)
             run_sa, run_packets, run_bytes = ctx.sa, 1, size
-            if vnet is None and version == 4 and route.tunnel and pkt[0] == 0x45:
-                last_key, last_proto = bytes(buf[12:24]), proto
-            else:
-                last_proto = -1
+            last_proto = key_proto
+            if key_proto >= 0:
+                last_key = key
         if run_sa is not None:
             self._count(run_sa, run_packets, run_bytes, marked)
         if groups:

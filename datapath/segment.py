@@ -88,9 +88,9 @@ class TcpSegmenter:
     residue), so each segment's bytes are summed once, in C.
     """
 
-    __slots__ = ("count", "mss", "ihl", "largest", "_out", "_src", "_v4", "_hlen", "_payload",
-                 "_seq", "_ip_id", "_flags", "_ip_const", "_tcp_const", "_ack", "_doff",
-                 "_window", "_frag_ttl")
+    __slots__ = ("count", "mss", "ihl", "largest", "_out", "_src", "_head", "_v4", "_hlen",
+                 "_payload", "_seq", "_ip_id", "_flags", "_ip_const", "_tcp_const", "_ack",
+                 "_doff", "_window", "_frag_ttl")
 
     def __init__(self) -> None:
         self.count = 0  # segments
@@ -99,6 +99,7 @@ class TcpSegmenter:
         self.largest = 0  # length of the first (largest) segment
         self._out: bytearray | memoryview = bytearray()
         self._src = b""
+        self._head = b""  # the super-packet's IP and TCP headers
         self._v4 = True
         self._hlen = 40
         self._payload = 0
@@ -150,7 +151,7 @@ class TcpSegmenter:
         if count > MAX_SEGMENTS:
             raise MalformedPacket("GSO segment size too small")
         src = self._src = bytes(packet[:end])
-        out[:hlen] = src[:hlen]
+        self._head = src[:hlen]
         self._out = out
         self.count = count
         self.mss = gso_size
@@ -183,6 +184,7 @@ class TcpSegmenter:
         plen = min(mss, self._payload - first)
         size = hlen + plen
         chunk = self._src[hlen + first:hlen + first + plen]
+        out[:hlen] = self._head  # (whole: sealing in place may have overwritten it since)
         out[hlen:size] = chunk
         tcp_len = size - ihl
         if self._v4:

@@ -36,26 +36,31 @@ MAX_PACKET = 65535
 class PacketSlots:
     """count preallocated buffers for packets of up to size bytes; lengths[i] is the packet
     now at the start of views[i] and, on a TUN with a vnet header, vnet[i] its
-    virtio_net_hdr. ``tail`` bytes after ``size`` are never read into: room the consumer may
-    write after a packet (the outbound datapath's ESP trailer, datapath.esp.SEAL_TAIL).
+    virtio_net_hdr. ``head`` bytes before the packet (the vnet header's among them) and
+    ``tail`` bytes after ``size`` are never read into: room the consumer may write around a
+    packet (the outbound datapath's ESP header and trailer, datapath.esp.SealSlot).
 
-    Each buffer is laid out vnet header | packet | tail, so one read(2) fills a slot (the
-    header lands just in front of the packet)."""
+    Each buffer is laid out head (ending with the vnet header) | packet | tail, so one read(2)
+    fills a slot (the header lands just in front of the packet); ``whole[i]`` is all of it."""
 
-    __slots__ = ("size", "buffers", "views", "lengths", "vnet", "_reads", "_vnet_reads")
+    __slots__ = ("size", "head", "buffers", "whole", "views", "lengths", "vnet", "_reads",
+                 "_vnet_reads")
 
-    def __init__(self, count: int, size: int = MAX_PACKET, tail: int = 0) -> None:
-        if count < 1 or size < 1 or tail < 0:
-            raise ValueError("PacketSlots needs count >= 1, size >= 1 and tail >= 0")
+    def __init__(self, count: int, size: int = MAX_PACKET, tail: int = 0,
+                 head: int = VNET_HDR_LEN) -> None:
+        if count < 1 or size < 1 or tail < 0 or head < VNET_HDR_LEN:
+            raise ValueError("PacketSlots needs count >= 1, size >= 1, tail >= 0 and "
+                             f"head >= {VNET_HDR_LEN}")
         self.size = size
-        self.buffers = [bytearray(VNET_HDR_LEN + size + tail) for _ in range(count)]
-        whole = [memoryview(b) for b in self.buffers]
-        self.views = [w[VNET_HDR_LEN:] for w in whole]  # packet and tail
+        self.head = head
+        self.buffers = [bytearray(head + size + tail) for _ in range(count)]
+        self.whole = whole = [memoryview(b) for b in self.buffers]
+        self.views = [w[head:] for w in whole]  # packet and tail
         self.lengths = [0] * count
-        self.vnet = [w[:VNET_HDR_LEN] for w in whole]
+        self.vnet = [w[head - VNET_HDR_LEN:head] for w in whole]
         # What each read(2) fills, made once so the read loop allocates nothing of its own.
         self._reads = [v[:size] for v in self.views]
-        self._vnet_reads = [w[:VNET_HDR_LEN + size] for w in whole]
+        self._vnet_reads = [w[head - VNET_HDR_LEN:head + size] for w in whole]
 
     def __len__(self) -> int:
         return len(self.buffers)

@@ -306,3 +306,26 @@ def test_a_gro_receive_is_opened_datagram_by_datagram() -> None:
     assert right.tun.sent == packets
     assert [bytes(views[i]) for i in other] == [marker] and other == [5]
     assert right.dp.stats()["malformed"] == 1
+
+
+def test_a_stream_is_parsed_once_per_batch(monkeypatch: object) -> None:
+    """Outbound: the packets of a flow after its first in a batch take the shortcut (no
+    parse, no lookups), also now that each is sealed where it lies."""
+    import datapath.outbound as outbound_module
+
+    parsed: list[int] = []
+    real_flow = outbound_module.flow
+
+    def counting_flow(packet: object) -> object:
+        parsed.append(1)
+        return real_flow(packet)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbound_module, "flow", counting_flow)  # type: ignore[attr-defined]
+    left, right = connected_pair()
+    packets = [udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * 100) for i in range(20)]
+    left.send(*packets)
+    assert len(parsed) == 1
+    right.receive()
+    for _ in range(3):
+        right.receive(timeout=0.2)
+    assert right.tun.sent == packets

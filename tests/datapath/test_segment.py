@@ -69,7 +69,12 @@ def cut(packet: bytes, mss: int, gso_type: int) -> list[Packet]:
     out = bytearray(65535)
     count = seg.load(memoryview(bytearray(packet)), mss, gso_type, out)
     layer = IP if packet[0] >> 4 == 4 else IPv6
-    return [layer(bytes(out[:seg.write(i)])) for i in range(count)]
+    segments = []
+    for i in range(count):
+        n = seg.write(i)
+        segments.append(layer(bytes(out[:n])))
+        out[:n] = b"\xa5" * n  # sealed in place: the next write must not need what was there
+    return segments
 
 
 @pytest.mark.parametrize("version", [4, 6])

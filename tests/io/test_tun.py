@@ -85,6 +85,23 @@ def test_round_trip(netns_harness: NetnsHarness, vnet_hdr: bool, family: int,
     tun.close()
 
 
+def test_packet_slots_leave_room_around_each_packet() -> None:
+    """A read fills the vnet header and the packet; ``head`` bytes before the header and
+    ``tail`` bytes after the size are the consumer's (the ESP header and trailer)."""
+    slots = PacketSlots(2, 100, tail=7, head=16)
+    assert [len(b) for b in slots.buffers] == [123, 123]
+    for i in range(2):
+        whole = slots.whole[i]
+        assert whole.obj is slots.buffers[i]
+        for view, start, end in ((slots.views[i], 16, 123), (slots.vnet[i], 6, 16),
+                                 (slots._vnet_reads[i], 6, 116), (slots._reads[i], 16, 116)):
+            view[:] = bytes([start]) * len(view)
+            assert bytes(whole[start:end]) == bytes([start]) * (end - start)
+            assert len(view) == end - start
+    with pytest.raises(ValueError):
+        PacketSlots(2, 100, head=9)  # no room for the vnet header
+
+
 def _recv(sock: socket.socket) -> list[tuple[bytes, str, int]]:
     out = []
     for _ in range(64):
