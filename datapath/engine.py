@@ -284,12 +284,11 @@ class Datapath:
             n = sock.recv_batch(batch)
             if not n:
                 break
-            datagrams = batch.all_views()
-            inbound.process(datagrams, self.clock(), other)
+            inbound.process_batch(batch, self.clock(), other)
             self.counters.esp_received += n - len(other)
             if other:
                 for i in other:
-                    self._control(sock, datagrams[i], batch.source(i))
+                    self._control(sock, batch.view(i), batch.source(i))
                 other.clear()
             if batch.used < BATCH:
                 break
@@ -304,7 +303,7 @@ class Datapath:
             if not n:
                 break
             self.counters.esp_received += n
-            inbound.process(batch.all_views(), self.clock())
+            inbound.process_batch(batch, self.clock())
             if n < BATCH:
                 break
 

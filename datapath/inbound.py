@@ -10,6 +10,13 @@ A TCP stream's packets take a shortcut: a packet of the same SA that continues t
 writer's pending run (``TunWriter.append_at``: same addresses, ports and headers, next sequence
 number) has that run's policy verdict, so it is neither parsed nor looked up, and its counts
 are added to the SA once per run. Every step costs hundreds of interpreter instructions here.
+
+An AEAD packet of a tunnel-mode SA is opened where it was received: the plaintext goes over
+its own ciphertext in the socket's receive buffer, through views that are made once per
+receive slot and datagram size and then kept (a GRO receive of a stream brings the same
+sizes every time), and the TUN writer refers to it there until the batch's flush. Anything
+else (CBC or NULL, transport mode, a GRO receive's shorter last datagram) is decrypted into
+an arena with room in front for a rebuilt header.
 """
 
 from __future__ import annotations
@@ -17,10 +24,11 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 
-from datapath.esp import HEAD_IV, DropReason, EspDrop
+from datapath.esp import AEAD_HEAD, AEAD_ICV, HEAD_IV, DropReason, EspDrop
 from datapath.flowkey import flow
 from datapath.ippacket import MalformedPacket, fix_l4_checksum, ip_header
-from datapath.satable import SaTable
+from datapath.satable import SaContext, SaTable
+from datapath.sockets import DatagramBatch
 from datapath.stats import DatapathStats
 from datapath.tun import TunDevice
 from datapath.tunwriter import TunWriter
@@ -37,11 +45,13 @@ _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
 ARENA_SIZE = 4 << 20  # decrypted packets of one batch; when full, the writer flushes first
 _LAST_START = ARENA_SIZE - _HEADROOM - 65536  # past it a packet may not fit: start over
 _HDR = struct.Struct("!II")  # SPI, sequence number: 8 bytes or it is not ESP
+_MIN_IN_PLACE = AEAD_HEAD + 4 + AEAD_ICV  # the shortest AEAD packet: 4 bytes of ciphertext
+_MAX_SPANS = 1024  # slot and datagram sizes whose views are kept (a stream needs a few)
 
 
 class Inbound:
-    __slots__ = ("kernel", "table", "stats", "writer", "deliver", "_buf", "_allowed",
-                 "_spd_generation")
+    __slots__ = ("kernel", "table", "stats", "writer", "deliver", "_arena", "_at", "_allowed",
+                 "_spd_generation", "_spans", "_spans_of")
 
     def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
                  deliver: Callable[[list[Delivery]], None]) -> None:
@@ -50,27 +60,40 @@ class Inbound:
         self.stats = stats
         self.writer = TunWriter(tun.fd, tun.write, vnet=getattr(tun, "vnet_hdr", False))
         self.deliver = deliver
-        # Each packet of a batch is decrypted to its own place here, after the one before
-        # it: the TUN writer's pending run refers to them until the batch's flush.
-        self._buf = memoryview(bytearray(ARENA_SIZE))
+        # A packet that is not opened where it was received (see the module doc) is
+        # decrypted to its own place here, after the one before it: the TUN writer's pending
+        # run refers to them until the batch's flush.
+        self._arena = memoryview(bytearray(ARENA_SIZE))
+        self._at = _HEADROOM  # where the next one goes
         # (SA, selectors) -> may pass: one lookup per flow, not per packet.
         self._allowed: dict[tuple[SecurityAssociation, bytes, bytes, int, int, int], bool] = {}
         self._spd_generation = -1
+        # Per receive slot and datagram size: views for opening in place (_spans_of_slot),
+        # for the batch they were made of.
+        self._spans: dict[tuple[int, int, int],
+                          tuple[list[int], list[memoryview], list[memoryview]]] = {}
+        self._spans_of: DatagramBatch | None = None
 
     def process(self, packets: Sequence[Buffer], now: float,
                 other: list[int] | None = None) -> None:
-        """Open a batch of ESP packets (each from the SPI on) and write them to the TUN.
-        With ``other`` (UDP 4500), the indices of datagrams that are not ESP (shorter than 8
-        bytes or SPI 0: the RFC 3948 non-ESP marker) are appended to it, not opened."""
+        """``process_batch`` of a list of ESP packets (copied first: tests, slow paths);
+        ``other`` gets indices into ``packets``."""
+        self.process_batch(DatagramBatch.holding(packets), now, other)
+
+    def process_batch(self, batch: DatagramBatch, now: float,
+                      other: list[int] | None = None) -> None:
+        """Open every datagram of ``batch`` (each from the SPI on, as a socket's recv_batch
+        left them) and write the inner packets to the TUN. With ``other`` (UDP 4500), the
+        indices of datagrams that are not ESP (shorter than 8 bytes or SPI 0: the RFC 3948
+        non-ESP marker) are appended to it, not opened. The batch's bytes are decrypted in
+        place: only those ``other`` names are left as they came."""
         table = self.table
         spd_generation = self.kernel.spd.generation
         if table.refresh() or spd_generation != self._spd_generation:
             self._allowed.clear()  # the SAD or SPD changed
             self._spd_generation = spd_generation
         by_spi = table.by_spi
-        stats = self.stats
-        buf = self._buf
-        allowed = self._allowed
+        arena = self._arena
         writer = self.writer
         push, append_at = writer.push, writer.append_at
         marked: list[SecurityAssociation] = []
@@ -81,77 +104,163 @@ class Inbound:
         run_sa: SecurityAssociation | None = None
         run_tunnel = False
         run_packets = run_bytes = 0
-        at = _HEADROOM  # where the next packet is decrypted to
-        for i, esp in enumerate(packets):
-            try:
-                spi, low, iv = HEAD_IV.unpack_from(esp)
-            except struct.error:  # too short for any ESP packet; maybe a marker or keepalive
-                spi = _HDR.unpack_from(esp)[0] if len(esp) >= 8 else 0
-                if spi and spi in by_spi:
-                    stats.malformed += 1
-                    continue
-                low, iv = 0, b""
-            if not spi:
-                if other is not None:
-                    other.append(i)
+        self._at = _HEADROOM
+        if batch is not self._spans_of:
+            self._spans.clear()
+            self._spans_of = batch
+        index = 0  # of the slot's first datagram in the batch
+        offsets, gots, segs, views = batch.offset, batch.got, batch.seg, batch.views
+        for k in range(batch.used):
+            off, got, seg, buf = offsets[k], gots[k], segs[k], views[k]
+            count = -(-got // seg) if seg else 1
+            full = got // seg if seg >= _MIN_IN_PLACE else 0  # datagrams that can open in place
+            if full:
+                starts, sealed, plain = self._spans_of_slot(k, buf, off, seg, full)
+                ctlen = seg - AEAD_HEAD - AEAD_ICV
+            for j in range(count):
+                ctx = None
+                if j < full:
+                    s = starts[j]
+                    spi, low, iv = HEAD_IV.unpack_from(buf, s)
+                    ctx = by_spi.get(spi)
+                if ctx is not None and ctx.in_place:
+                    sa = ctx.sa
+                    try:
+                        nh, size = ctx.transform.open_in_place(low, iv, sealed[j], plain[j],
+                                                               ctlen)
+                    except EspDrop as drop:
+                        self._dropped(sa, drop.reason)
+                        continue
+                    data = buf
+                    start = s + AEAD_HEAD
+                    end = start + size
                 else:
-                    stats.no_sa += 1
-                continue
-            ctx = by_spi.get(spi)
-            if ctx is None:
-                stats.no_sa += 1
-                continue
-            sa = ctx.sa
-            if at > _LAST_START:
-                writer.flush()  # nothing refers to the arena any more
-                at = _HEADROOM
-            try:
-                nh, end = ctx.transform.open_known(esp, low, iv, buf, at)
-            except EspDrop as drop:
-                self._dropped(sa, drop.reason)
-                continue
-            start, at = at, end + _HEADROOM
-            if (sa is run_sa and (nh == 4 or nh == 41) and run_tunnel
-                    and append_at(buf, start, end)):
-                run_packets += 1
-                run_bytes += end - start
-                continue
-            if (nh == 4 or nh == 41) and sa.mode != _TRANSPORT:
-                inner: Buffer = buf[start:end]
-                tunnel = True
-            else:
-                try:
-                    inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, start, end - start,
-                                          ctx.natt)
-                except (MalformedPacket, ValueError):
-                    stats.malformed += 1
+                    s = off + j * seg
+                    opened = self._open_copy(buf[s:min(s + seg, off + got)], index + j, other)
+                    if opened is None:
+                        continue
+                    ctx, nh, start, end = opened
+                    sa = ctx.sa
+                    data = arena
+                if (sa is run_sa and (nh == 4 or nh == 41) and run_tunnel
+                        and append_at(data, start, end)):
+                    run_packets += 1
+                    run_bytes += end - start
                     continue
-                tunnel = False
-            try:
-                _, src, dst, proto, sport, dport, _ = flow(inner)
-            except MalformedPacket:
-                stats.malformed += 1
-                continue
-            key = (sa, src, dst, proto, sport, dport)
-            ok = allowed.get(key)
-            if ok is None:
-                if len(allowed) > 4096:
-                    allowed.clear()
-                ok = allowed[key] = self._allowed_by_policy(sa, src, dst, proto, sport, dport)
-            if not ok:
-                stats.policy_mismatch += 1
-                continue
-            if run_sa is not None:
-                delivered += self._count(run_sa, run_packets, run_bytes, marked)
-            run_sa, run_tunnel, run_packets, run_bytes = sa, tunnel, 1, end - start
-            push(inner)
+                verdict = self._inner(ctx, data, nh, start, end)
+                if verdict is None:
+                    continue
+                if run_sa is not None:
+                    delivered += self._count(run_sa, run_packets, run_bytes, marked)
+                run_sa, run_packets, run_bytes = sa, 1, end - start
+                inner, run_tunnel = verdict
+                push(inner)
+            index += count
         if run_sa is not None:
             delivered += self._count(run_sa, run_packets, run_bytes, marked)
         writer.flush()
-        stats.opened += delivered
+        self.stats.opened += delivered
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
+
+    def _spans_of_slot(self, k: int, buf: memoryview, off: int, seg: int, full: int
+                       ) -> tuple[list[int], list[memoryview], list[memoryview]]:
+        """Where the first ``full`` datagrams of slot ``k`` start, their ciphertext and tag,
+        and their ciphertext (where the plaintext goes): made once for a slot's datagram
+        size and kept (a GRO receive of a stream has the same size every time)."""
+        key = (k, off, seg)
+        spans = self._spans.get(key)
+        if spans is None or len(spans[0]) < full:
+            if len(self._spans) > _MAX_SPANS:
+                self._spans.clear()
+            starts = list(range(off, off + full * seg, seg))
+            spans = self._spans[key] = (
+                starts,
+                [buf[s + AEAD_HEAD:s + seg] for s in starts],
+                [buf[s + AEAD_HEAD:s + seg - AEAD_ICV] for s in starts],
+            )
+        return spans
+
+    def _open_copy(self, esp: memoryview, index: int, other: list[int] | None
+                   ) -> tuple[SaContext, int, int, int] | None:
+        """Open one datagram into the arena (one that cannot open in place, or is no ESP of
+        ours); returns (context, next header, start, end) of the payload in the arena, or
+        None when it was dropped and counted or put in ``other``."""
+        stats = self.stats
+        by_spi = self.table.by_spi
+        try:
+            spi, low, iv = HEAD_IV.unpack_from(esp)
+        except struct.error:  # too short for any ESP packet; maybe a marker or keepalive
+            spi = _HDR.unpack_from(esp)[0] if len(esp) >= 8 else 0
+            if spi and spi in by_spi:
+                stats.malformed += 1
+                return None
+            low, iv = 0, b""
+        if not spi:
+            if other is not None:
+                other.append(index)
+            else:
+                stats.no_sa += 1
+            return None
+        ctx = by_spi.get(spi)
+        if ctx is None:
+            stats.no_sa += 1
+            return None
+        at = self._at
+        if at > _LAST_START:
+            self.writer.flush()  # nothing refers to the arena any more
+            at = _HEADROOM
+        try:
+            nh, end = ctx.transform.open_known(esp, low, iv, self._arena, at)
+        except EspDrop as drop:
+            self._dropped(ctx.sa, drop.reason)
+            return None
+        self._at = end + _HEADROOM
+        return ctx, nh, at, end
+
+    def _inner(self, ctx: SaContext, data: memoryview, nh: int, start: int, end: int
+               ) -> tuple[Buffer, bool] | None:
+        """The inner packet opened at ``data[start:end]`` (tunnel mode: as it is; transport
+        mode: rebuilt with the SA's addresses) and whether it came whole (tunnel mode), if
+        the SA's policy allows it; None when it was dropped and counted."""
+        stats = self.stats
+        sa = ctx.sa
+        if (nh == 4 or nh == 41) and sa.mode != _TRANSPORT:
+            inner: Buffer = data[start:end]
+            tunnel = True
+        else:
+            if data is not self._arena:  # rebuilding needs the arena's room in front
+                at = self._at
+                if at > _LAST_START:
+                    self.writer.flush()
+                    at = _HEADROOM
+                self._arena[at:at + end - start] = data[start:end]
+                start, end = at, at + end - start
+                self._at = end + _HEADROOM
+            try:
+                inner = self._rebuild(ctx.src_packed, ctx.dst_packed, nh, start, end - start,
+                                      ctx.natt)
+            except (MalformedPacket, ValueError):
+                stats.malformed += 1
+                return None
+            tunnel = False
+        try:
+            _, src, dst, proto, sport, dport, _ = flow(inner)
+        except MalformedPacket:
+            stats.malformed += 1
+            return None
+        allowed = self._allowed
+        key = (sa, src, dst, proto, sport, dport)
+        ok = allowed.get(key)
+        if ok is None:
+            if len(allowed) > 4096:
+                allowed.clear()
+            ok = allowed[key] = self._allowed_by_policy(sa, src, dst, proto, sport, dport)
+        if not ok:
+            stats.policy_mismatch += 1
+            return None
+        return inner, tunnel
 
     @staticmethod
     def _count(sa: SecurityAssociation, packets: int, octets: int,
@@ -192,7 +301,7 @@ class Inbound:
         _HEADROOM before it)."""
         header = ip_header(src, dst, proto, size)
         start = at - len(header)
-        buf = self._buf
+        buf = self._arena
         buf[start:at] = header
         packet = buf[start:at + size]
         # RFC 3948 3.1.2: behind a NAT the peer's checksum used addresses we never saw.

@@ -40,6 +40,9 @@ class SaContext:
     src_packed: bytes
     dst_packed: bytes
     natt: bool
+    # Inbound packets open where they were received (an AEAD, and not transport mode, whose
+    # rebuilt IP header needs room in front of the payload): datapath.inbound.
+    in_place: bool
 
 
 class SaTable:
@@ -101,6 +104,7 @@ class SaTable:
             (str(sa.dst), port if encap else 0),
             (20 if family == socket.AF_INET else 40) + (8 if encap else 0),
             sa.src.packed, sa.dst.packed, natt,
+            transform.opens_in_place and sa.mode != IpsecMode.TRANSPORT,
         )
 
     def refresh(self) -> bool:

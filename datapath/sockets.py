@@ -70,6 +70,17 @@ class DatagramBatch:
         self.used = 0
         self.count = 0
 
+    @classmethod
+    def holding(cls, datagrams: Sequence[Buffer]) -> DatagramBatch:
+        """A new batch with these datagrams in it, one per slot, copied (tests, slow paths)."""
+        batch = cls(max(len(datagrams), 1), max((len(d) for d in datagrams), default=1) or 1)
+        for k, datagram in enumerate(datagrams):
+            n = len(datagram)
+            batch.views[k][:n] = datagram
+            batch.got[k] = batch.seg[k] = n
+        batch.used = batch.count = len(datagrams)
+        return batch
+
     def all_views(self) -> list[memoryview]:
         out: list[memoryview] = []
         for k in range(self.used):

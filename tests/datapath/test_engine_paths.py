@@ -297,15 +297,114 @@ def test_a_gro_receive_is_opened_datagram_by_datagram() -> None:
                                              (runt, len(runt), 0)]):
         batch.views[k][:len(data)] = data
         batch.got[k], batch.seg[k], batch.offset[k] = len(data) - offset, seg, offset
-    batch.used = 3
+    batch.used, batch.count = 3, 7
     other: list[int] = []
     inbound = right.dp.inbound
     assert inbound is not None
-    views = batch.all_views()
-    inbound.process(views, NOW, other)
+    inbound.process_batch(batch, NOW, other)
     assert right.tun.sent == packets
-    assert [bytes(views[i]) for i in other] == [marker] and other == [5]
+    assert [bytes(batch.view(i)) for i in other] == [marker] and other == [5]
     assert right.dp.stats()["malformed"] == 1
+
+
+def gro_batch(slots: list[list[bytes]]) -> object:
+    """A DatagramBatch as a GRO receive leaves it: slot k holds the datagrams slots[k]
+    back to back (all of one size but the last)."""
+    from datapath.sockets import DatagramBatch
+
+    batch = DatagramBatch(max(len(slots), 1))
+    fill_gro(batch, slots)
+    return batch
+
+
+def fill_gro(batch: object, slots: list[list[bytes]]) -> None:
+    from datapath.sockets import DatagramBatch
+
+    assert isinstance(batch, DatagramBatch)
+    for k, datagrams in enumerate(slots):
+        data = b"".join(datagrams)
+        batch.views[k][:len(data)] = data
+        batch.got[k], batch.seg[k], batch.offset[k] = len(data), len(datagrams[0]), 0
+    batch.used = len(slots)
+    batch.count = sum(map(len, slots))
+
+
+def test_gro_receives_opened_in_place_batch_after_batch() -> None:
+    """The receive path opens AEAD datagrams in the receive buffer through views it keeps per
+    slot and datagram size: the same batch refilled with more, fewer and other-sized
+    datagrams, then another batch object of the same shape, all open to the right packets."""
+    from datapath.sockets import DatagramBatch
+
+    left, right = connected_pair()
+    ctx = next(c for c in left.dp.table.by_spi.values() if c.sa.spi == 0x1001)
+    inbound = right.dp.inbound
+    assert inbound is not None and ctx.in_place
+
+    def stream(first: int, count: int, size: int) -> tuple[list[bytes], list[bytes]]:
+        packets = [udp_packet("10.1.0.2", "10.4.0.2", bytes([first + i]) * size)
+                   for i in range(count)]
+        return packets, [ctx.transform.seal(p, 4) for p in packets]
+
+    batch = DatagramBatch(2)
+    expected: list[bytes] = []
+    for slots in ([(0, 3, 300), (10, 2, 300)], [(20, 5, 300), (30, 1, 300)],
+                  [(40, 2, 500), (50, 4, 300)], [(60, 4, 300), (70, 4, 120)]):
+        made = [stream(*spec) for spec in slots]
+        fill_gro(batch, [datagrams for _, datagrams in made])
+        inbound.process_batch(batch, NOW)
+        expected += [p for packets, _ in made for p in packets]
+        assert right.tun.sent == expected
+    packets, datagrams = stream(80, 3, 300)
+    inbound.process_batch(gro_batch([datagrams]), NOW)  # type: ignore[arg-type]
+    assert right.tun.sent == expected + packets
+    assert right.dp.stats()["opened"] == len(expected) + 3
+
+
+def test_a_gro_receive_of_several_kinds_of_sa_in_one_buffer() -> None:
+    """Datagrams of one size in one receive: AEAD tunnel (opened in place), CBC tunnel and
+    AEAD transport mode (opened into the arena), a non-ESP one and an unknown SPI, in one
+    order that the TUN must see kept."""
+    left, right = connected_pair()
+    lp, rp = f"[{left.port}]", f"[{right.port}]"
+    cbc_key, hmac_key = "0x" + "c3" * 16, "0x" + "d4" * 32
+    extra = (f"add {LEFT}{lp} {RIGHT}{rp} esp-udp 0x3001 -m tunnel -r 64 "
+             f"-E aes-cbc {cbc_key} -A hmac-sha256 {hmac_key};\n"
+             f"add {LEFT}{lp} {RIGHT}{rp} esp-udp 0x3002 -m transport -r 64 "
+             f"-E aes-gcm-16 {KEY_B};\n")
+    left.setkey(extra)
+    right.setkey(extra + f"spdadd {LEFT} {RIGHT} udp -P in ipsec esp/transport//require;\n")
+    by_spi = {c.sa.spi: c for c in left.dp.table.by_spi.values()}
+    gcm, cbc, transport = by_spi[0x1001], by_spi[0x3001], by_spi[0x3002]
+    assert gcm.in_place and not cbc.in_place and not transport.in_place
+    seg = 248
+
+    def payload_for(ctx: object, header: int) -> int:
+        tr = ctx.transform  # type: ignore[attr-defined]
+        return next(n for n in range(seg) if tr.sealed_len(header + n) == seg)
+
+    def tunneled(i: int, ctx: object) -> tuple[bytes, bytes]:
+        packet = udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * payload_for(ctx, 28))
+        return packet, ctx.transform.seal(packet, 4)  # type: ignore[attr-defined]
+
+    a1, a2, b1, a3 = tunneled(1, gcm), tunneled(2, gcm), tunneled(3, cbc), tunneled(4, gcm)
+    carried = udp_packet(LEFT, RIGHT, b"t" * payload_for(transport, 8))
+    t1 = transport.transform.seal(carried[20:], 17)
+    marker = NON_ESP_MARKER + b"i" * (seg - 4)
+    unknown = struct.pack("!II", 0x7777, 1) + bytes(seg - 8)
+    datagrams = [a1[1], b1[1], a2[1], t1, marker, unknown, a3[1]]
+    assert {len(d) for d in datagrams} == {seg}
+    batch = gro_batch([datagrams])
+    other: list[int] = []
+    inbound = right.dp.inbound
+    assert inbound is not None
+    inbound.process_batch(batch, NOW, other)  # type: ignore[arg-type]
+    sent = right.tun.sent
+    assert [sent[0], sent[1], sent[2], sent[4]] == [a1[0], b1[0], a2[0], a3[0]]
+    info = parse(sent[3])
+    assert (info.src, info.dst) == (socket.inet_aton(LEFT), socket.inet_aton(RIGHT))
+    assert sent[3][info.l4_offset:] == carried[20:]
+    assert other == [4] and bytes(batch.view(4)) == marker  # type: ignore[attr-defined]
+    assert right.dp.stats()["no_sa"] == 1 and right.dp.stats()["opened"] == 5
 
 
 def test_a_stream_is_parsed_once_per_batch(monkeypatch: object) -> None:
