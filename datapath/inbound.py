@@ -46,12 +46,31 @@ ARENA_SIZE = 4 << 20  # decrypted packets of one batch; when full, the writer fl
 _LAST_START = ARENA_SIZE - _HEADROOM - 65536  # past it a packet may not fit: start over
 _HDR = struct.Struct("!II")  # SPI, sequence number: 8 bytes or it is not ESP
 _MIN_IN_PLACE = AEAD_HEAD + 4 + AEAD_ICV  # the shortest AEAD packet: 4 bytes of ciphertext
-_MAX_SPANS = 1024  # slot and datagram sizes whose views are kept (a stream needs a few)
+
+
+class _SlotViews:
+    """For one receive slot: where its first ``count`` datagrams of ``seg`` bytes (from
+    ``off``) start, their ciphertext and tag (``sealed``) and their ciphertext (``plain``,
+    where the plaintext goes). Made when a slot's datagram size changes, kept while the
+    size repeats, as a stream's does."""
+
+    __slots__ = ("off", "seg", "count", "starts", "sealed", "plain")
+
+    def __init__(self, buf: memoryview, off: int, seg: int, count: int) -> None:
+        self.off = off
+        self.seg = seg
+        self.count = count
+        self.starts = starts = list(range(off, off + count * seg, seg))
+        self.sealed = [buf[s + AEAD_HEAD:s + seg] for s in starts]
+        self.plain = [buf[s + AEAD_HEAD:s + seg - AEAD_ICV] for s in starts]
+
+
+_NO_VIEWS = _SlotViews(memoryview(b""), -1, 1, 0)
 
 
 class Inbound:
     __slots__ = ("kernel", "table", "stats", "writer", "deliver", "_arena", "_at", "_allowed",
-                 "_spd_generation", "_spans", "_spans_of")
+                 "_spd_generation", "_slot_views", "_views_of")
 
     def __init__(self, kernel: Kernel, table: SaTable, stats: DatapathStats, tun: TunDevice,
                  deliver: Callable[[list[Delivery]], None]) -> None:
@@ -68,11 +87,9 @@ class Inbound:
         # (SA, selectors) -> may pass: one lookup per flow, not per packet.
         self._allowed: dict[tuple[SecurityAssociation, bytes, bytes, int, int, int], bool] = {}
         self._spd_generation = -1
-        # Per receive slot and datagram size: views for opening in place (_spans_of_slot),
-        # for the batch they were made of.
-        self._spans: dict[tuple[int, int, int],
-                          tuple[list[int], list[memoryview], list[memoryview]]] = {}
-        self._spans_of: DatagramBatch | None = None
+        # Per receive slot of the batch they were made for: views for opening in place.
+        self._slot_views: list[_SlotViews] = []
+        self._views_of: DatagramBatch | None = None
 
     def process(self, packets: Sequence[Buffer], now: float,
                 other: list[int] | None = None) -> None:
@@ -105,18 +122,25 @@ class Inbound:
         run_tunnel = False
         run_packets = run_bytes = 0
         self._at = _HEADROOM
-        if batch is not self._spans_of:
-            self._spans.clear()
-            self._spans_of = batch
+        if batch is not self._views_of:
+            self._slot_views = [_NO_VIEWS] * len(batch.views)
+            self._views_of = batch
+        slot_views = self._slot_views
         index = 0  # of the slot's first datagram in the batch
         offsets, gots, segs, views = batch.offset, batch.got, batch.seg, batch.views
         for k in range(batch.used):
             off, got, seg, buf = offsets[k], gots[k], segs[k], views[k]
-            count = -(-got // seg) if seg else 1
-            full = got // seg if seg >= _MIN_IN_PLACE else 0  # datagrams that can open in place
-            if full:
-                starts, sealed, plain = self._spans_of_slot(k, buf, off, seg, full)
+            if seg >= _MIN_IN_PLACE:
+                full = got // seg  # datagrams that can open in place
+                count = full if full * seg == got else full + 1
+                slot = slot_views[k]
+                if slot.seg != seg or slot.off != off or slot.count < full:
+                    slot = slot_views[k] = _SlotViews(buf, off, seg, full)
+                starts, sealed, plain = slot.starts, slot.sealed, slot.plain
                 ctlen = seg - AEAD_HEAD - AEAD_ICV
+            else:
+                full = 0
+                count = -(-got // seg) if seg else 1
             for j in range(count):
                 ctx = None
                 if j < full:
@@ -163,24 +187,6 @@ class Inbound:
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
-
-    def _spans_of_slot(self, k: int, buf: memoryview, off: int, seg: int, full: int
-                       ) -> tuple[list[int], list[memoryview], list[memoryview]]:
-        """Where the first ``full`` datagrams of slot ``k`` start, their ciphertext and tag,
-        and their ciphertext (where the plaintext goes): made once for a slot's datagram
-        size and kept (a GRO receive of a stream has the same size every time)."""
-        key = (k, off, seg)
-        spans = self._spans.get(key)
-        if spans is None or len(spans[0]) < full:
-            if len(self._spans) > _MAX_SPANS:
-                self._spans.clear()
-            starts = list(range(off, off + full * seg, seg))
-            spans = self._spans[key] = (
-                starts,
-                [buf[s + AEAD_HEAD:s + seg] for s in starts],
-                [buf[s + AEAD_HEAD:s + seg - AEAD_ICV] for s in starts],
-            )
-        return spans
 
     def _open_copy(self, esp: memoryview, index: int, other: list[int] | None
                    ) -> tuple[SaContext, int, int, int] | None:
