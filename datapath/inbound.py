@@ -17,6 +17,13 @@ receive slot and datagram size and then kept (a GRO receive of a stream brings t
 sizes every time), and the TUN writer refers to it there until the batch's flush. Anything
 else (CBC or NULL, transport mode, a GRO receive's shorter last datagram) is decrypted into
 an arena with room in front for a rebuilt header.
+
+A GRO receive whose first datagram is of such an SA is first offered to that SA as a run
+(``_open_run``): its leading datagrams that carry the SA's next sequence numbers in order are
+opened in one pass (``EspTransform.open_run``) and, when their trailers agree, their segments
+join the writer's run in bulk (``TunWriter.append_stream``). There the per-packet steps run in
+C-level loops (map, takewhile), not in the interpreter. A forgery ends the run; the
+datagrams after it, and any receive that is no such run, take the per-packet path.
 """
 
 from __future__ import annotations
@@ -45,16 +52,19 @@ _HEADROOM = 64  # room before the payload for a rebuilt transport-mode IP header
 ARENA_SIZE = 4 << 20  # decrypted packets of one batch; when full, the writer flushes first
 _LAST_START = ARENA_SIZE - _HEADROOM - 65536  # past it a packet may not fit: start over
 _HDR = struct.Struct("!II")  # SPI, sequence number: 8 bytes or it is not ESP
+_SPI = struct.Struct("!I")
 _MIN_IN_PLACE = AEAD_HEAD + 4 + AEAD_ICV  # the shortest AEAD packet: 4 bytes of ciphertext
 
 
 class _SlotViews:
     """For one receive slot: where its first ``count`` datagrams of ``seg`` bytes (from
-    ``off``) start, their ciphertext and tag (``sealed``) and their ciphertext (``plain``,
-    where the plaintext goes). Made when a slot's datagram size changes, kept while the
-    size repeats, as a stream's does."""
+    ``off``) start, their ciphertext and tag (``sealed``), their ciphertext (``plain``, where
+    the plaintext goes), their IVs and their first 8 bytes (the AAD without ESN), and all of
+    them (``region``) with the struct that reads each one's SPI and sequence number. Made
+    when a slot's datagram size changes, kept while the size repeats, as a stream's does."""
 
-    __slots__ = ("off", "seg", "count", "starts", "sealed", "plain")
+    __slots__ = ("off", "seg", "count", "starts", "sealed", "plain", "ivs", "aads", "region",
+                 "headers")
 
     def __init__(self, buf: memoryview, off: int, seg: int, count: int) -> None:
         self.off = off
@@ -63,6 +73,10 @@ class _SlotViews:
         self.starts = starts = list(range(off, off + count * seg, seg))
         self.sealed = [buf[s + AEAD_HEAD:s + seg] for s in starts]
         self.plain = [buf[s + AEAD_HEAD:s + seg - AEAD_ICV] for s in starts]
+        self.ivs = [buf[s + 8:s + AEAD_HEAD] for s in starts]
+        self.aads = [buf[s:s + 8] for s in starts]
+        self.region = buf[off:off + count * seg]
+        self.headers = struct.Struct(f"!II{seg - 8}x") if seg > 8 else _HDR
 
 
 _NO_VIEWS = _SlotViews(memoryview(b""), -1, 1, 0)
@@ -130,6 +144,7 @@ class Inbound:
         offsets, gots, segs, views = batch.offset, batch.got, batch.seg, batch.views
         for k in range(batch.used):
             off, got, seg, buf = offsets[k], gots[k], segs[k], views[k]
+            first = 0  # the first datagram the per-packet loop below opens
             if seg >= _MIN_IN_PLACE:
                 full = got // seg  # datagrams that can open in place
                 count = full if full * seg == got else full + 1
@@ -138,10 +153,17 @@ class Inbound:
                     slot = slot_views[k] = _SlotViews(buf, off, seg, full)
                 starts, sealed, plain = slot.starts, slot.sealed, slot.plain
                 ctlen = seg - AEAD_HEAD - AEAD_ICV
+                if full > 1:
+                    ctx = by_spi.get(_SPI.unpack_from(buf, off)[0])
+                    if ctx is not None and ctx.in_place:  # maybe a GRO receive of one stream
+                        first, run_sa, run_tunnel, run_packets, run_bytes, counted = \
+                            self._open_run(ctx, buf, slot, full, marked, run_sa, run_tunnel,
+                                           run_packets, run_bytes)
+                        delivered += counted
             else:
                 full = 0
                 count = -(-got // seg) if seg else 1
-            for j in range(count):
+            for j in range(first, count):
                 ctx = None
                 if j < full:
                     s = starts[j]
@@ -160,10 +182,11 @@ class Inbound:
                     end = start + size
                 else:
                     s = off + j * seg
-                    opened = self._open_copy(buf[s:min(s + seg, off + got)], index + j, other)
-                    if opened is None:
+                    opened_copy = self._open_copy(buf[s:min(s + seg, off + got)], index + j,
+                                                  other)
+                    if opened_copy is None:
                         continue
-                    ctx, nh, start, end = opened
+                    ctx, nh, start, end = opened_copy
                     sa = ctx.sa
                     data = arena
                 if (sa is run_sa and (nh == 4 or nh == 41) and run_tunnel
@@ -187,6 +210,59 @@ class Inbound:
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
+
+    def _open_run(self, ctx: SaContext, buf: memoryview, slot: _SlotViews, full: int,
+                  marked: list[SecurityAssociation], run_sa: SecurityAssociation | None,
+                  run_tunnel: bool, run_packets: int, run_bytes: int,
+                  ) -> tuple[int, SecurityAssociation | None, bool, int, int, int]:
+        """The receiving gateway's path for a GRO receive of one stream, whose first datagram
+        is of ``ctx``'s SA: its leading datagrams that continue the SA's sequence in order are
+        opened in one pass (EspTransform.open_run) and their segments join the writer's run
+        in bulk (TunWriter.append_stream). Takes and returns process_batch's run state;
+        returns first how many datagrams it took (the rest are the per-packet loop's), and
+        last the packets it counted to SAs."""
+        tr, sa = ctx.transform, ctx.sa
+        seg = slot.seg
+        ctlen = seg - AEAD_HEAD - AEAD_ICV
+        starts, plain = slot.starts, slot.plain
+        opened, failed = tr.open_run(slot.headers.iter_unpack(slot.region[:full * seg]),
+                                     slot.ivs, slot.sealed, slot.aads, plain, ctlen)
+        trailer = tr.run_trailer(plain, ctlen, opened) if opened else None
+        append_stream, append_at = self.writer.append_stream, self.writer.append_at
+        counted = 0
+        j = 0
+        while j < opened:
+            if trailer is not None:
+                nh, size = trailer
+            else:
+                try:
+                    nh, size = tr.trailer(plain[j], ctlen)
+                except EspDrop as drop:
+                    self._dropped(sa, drop.reason)
+                    j += 1
+                    continue
+            start = starts[j] + AEAD_HEAD
+            if sa is run_sa and (nh == 4 or nh == 41) and run_tunnel:
+                n = (append_stream(buf, start, seg, opened - j, size) if trailer is not None
+                     else int(append_at(buf, start, start + size)))
+                if n:
+                    run_packets += n
+                    run_bytes += n * size
+                    j += n
+                    continue
+            j += 1
+            verdict = self._inner(ctx, buf, nh, start, start + size)
+            if verdict is None:
+                continue
+            if run_sa is not None:
+                counted += self._count(run_sa, run_packets, run_bytes, marked)
+            run_sa, run_packets, run_bytes = sa, 1, size
+            inner, run_tunnel = verdict
+            self.writer.push(inner)
+        if failed:  # the datagram after those opened
+            self._dropped(sa, DropReason.AUTH)
+            opened += 1
+        return opened, run_sa, run_tunnel, run_packets, run_bytes, counted
 
     def _open_copy(self, esp: memoryview, index: int, other: list[int] | None
                    ) -> tuple[SaContext, int, int, int] | None:

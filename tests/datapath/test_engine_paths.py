@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 
@@ -428,3 +429,78 @@ def test_a_stream_is_parsed_once_per_batch(monkeypatch: object) -> None:
     for _ in range(3):
         right.receive(timeout=0.2)
     assert right.tun.sent == packets
+
+
+def test_a_gro_receive_of_one_stream_drops_what_it_must_and_delivers_the_rest(
+        monkeypatch: object) -> None:
+    """A receive of one SA's datagrams goes through EspTransform.open_run: a forgery, a
+    replayed datagram, a dummy packet and a packet padded differently in it are dropped and
+    counted, or delivered, exactly as one by one, in order."""
+    from datapath.esp import EspTransform
+
+    left, right = connected_pair()
+    ctx = next(c for c in left.dp.table.by_spi.values() if c.sa.spi == 0x1001)
+    tr = ctx.transform
+    runs: list[tuple[int, bool]] = []
+    real = type(right.dp.table.by_spi[0x1001].transform).open_run
+
+    def recording(self: EspTransform, *args: object) -> tuple[int, bool]:
+        runs.append(real(self, *args))  # type: ignore[arg-type]
+        return runs[-1]
+
+    monkeypatch.setattr(type(tr), "open_run", recording)  # type: ignore[attr-defined]
+    packets = [udp_packet("10.1.0.2", "10.4.0.2", bytes([i]) * 202) for i in range(16)]
+    packets[3] = udp_packet("10.1.0.2", "10.4.0.2", b"p" * 201)  # 1 byte more of padding
+    datagrams = [tr.seal(p, 4) for p in packets[:6]]
+    dummy = tr.seal(b"d" * len(packets[0]), 59)  # number 7, in the run
+    datagrams += [tr.seal(p, 4) for p in packets[6:]]
+    assert {len(d) for d in datagrams} == {len(dummy)}
+    forged = bytearray(datagrams[9])
+    forged[20] ^= 0x04
+    batch = gro_batch([datagrams[:6] + [dummy] + datagrams[6:9] + [bytes(forged)]
+                       + datagrams[10:12] + [datagrams[4]] + datagrams[12:]])
+    inbound = right.dp.inbound
+    assert inbound is not None
+    inbound.process_batch(batch, NOW)  # type: ignore[arg-type]
+    assert runs == [(10, True)]
+    assert right.tun.sent == packets[:9] + packets[10:]
+    stats = right.dp.stats()
+    assert (stats["opened"], stats["auth_failures"], stats["replay"], stats["dummy"]) == \
+        (15, 1, 1, 1)
+    sa_in = sa(right, 0x1001, RIGHT)
+    assert sa_in.packets_in == 15 and sa_in.bytes_in == sum(map(len, packets)) - len(
+        packets[9])  # type: ignore[attr-defined]
+    inbound.process([datagrams[9]], NOW)  # the genuine one, late but inside the window
+    assert right.tun.sent[-1] == packets[9]
+
+
+def test_a_gro_receive_of_a_tcp_stream_becomes_one_gso_write() -> None:
+    """The receive path end to end for one TCP stream: opened in one pass, its segments
+    joined to one GSO packet in bulk (TunWriter.append_stream), the PSH segment last."""
+    from scapy.layers.inet import IP, TCP
+    from scapy.packet import Raw
+
+    from tests.datapath.test_engine_tunwriter import Sink
+
+    left, right = connected_pair()
+    ctx = next(c for c in left.dp.table.by_spi.values() if c.sa.spi == 0x1001)
+    segments = [bytes(IP(src="10.1.0.2", dst="10.4.0.2") / TCP(
+        sport=40000, dport=5201, seq=1000 + i * 1200, ack=1, flags="PA" if i == 39 else "A")
+        / Raw(bytes([i]) * 1200)) for i in range(40)]
+    inbound = right.dp.inbound
+    assert inbound is not None
+    sink = Sink()
+    inbound.writer = sink.writer
+    try:
+        inbound.process_batch(gro_batch(  # type: ignore[arg-type]
+            [[ctx.transform.seal(s, 4) for s in segments]]), NOW)
+        ((header, packet),) = sink.gso()
+        assert header[1:4] == (1, 40, 1200) and sink.singles == []
+        tcp = IP(packet)[TCP]
+        assert tcp.seq == 1000 and tcp.flags == "PA"
+        assert bytes(tcp.payload) == b"".join(bytes(IP(s)[TCP].payload) for s in segments)
+        assert right.dp.stats()["opened"] == 40
+        assert sa(right, 0x1001, RIGHT).bytes_in == sum(map(len, segments))  # type: ignore
+    finally:
+        os.close(sink.read_fd)
+        os.close(sink.writer.fd)

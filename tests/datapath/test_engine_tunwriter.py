@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import struct
 
@@ -13,6 +14,7 @@ from datapath.ippacket import internet_checksum
 from datapath.tunwriter import MAX_SEGMENTS, TunWriter
 
 MSS = 1000
+F_SETPIPE_SZ = 1031  # (fcntl.F_SETPIPE_SZ from Python 3.10, but not on every platform)
 
 
 def seg(seq: int, size: int = MSS, *, flags: str = "A", sport: int = 40000,
@@ -28,6 +30,7 @@ class Sink:
     def __init__(self) -> None:
         self.read_fd, write_fd = os.pipe()
         os.set_blocking(self.read_fd, False)
+        fcntl.fcntl(write_fd, F_SETPIPE_SZ, 1 << 20)  # room for several GSO packets
         self.singles: list[bytes] = []
         self.writer = TunWriter(write_fd, self.single, vnet=True)
         self.order: list[str] = []
@@ -373,3 +376,86 @@ def test_ipv6_udp_datagrams_of_one_size_become_one_gso_packet() -> None:
     assert struct.unpack("!H", packet[46:48])[0] == total
     assert packet[48:] == b"".join(d[48:] for d in datagrams)
     assert sink.singles == [d6(b"z" * 700, sport=5001)]
+
+
+def stream_scenarios(make: object) -> dict[str, list[bytes]]:
+    """100 segments of one stream, and the same with one kind of follower GRO would not
+    merge (or that ends a run) somewhere in it."""
+    def stream(first: int = 1000) -> list[bytes]:
+        return [make((first + i * MSS) & 0xFFFFFFFF)  # type: ignore[operator]
+                for i in range(100)]
+
+    def changed(at: int, byte: int, flip: int) -> list[bytes]:
+        packets = stream()
+        follower = bytearray(packets[at])
+        follower[byte] ^= flip
+        packets[at] = bytes(follower)
+        return packets
+
+    ip_len = 20 if make is seg else 40
+    short = stream()
+    short[40] = make(1000 + 40 * MSS, MSS - 3) + bytes(3)  # type: ignore[operator]
+    if make is seg:  # the IP length says 3 bytes less than the packet (trailing bytes)
+        short[40] = short[40][:2] + struct.pack("!H", len(short[40]) - 3) + short[40][4:]
+    else:
+        short[40] = short[40][:4] + struct.pack("!H", len(short[40]) - 43) + short[40][6:]
+    return {
+        "whole": stream(),
+        "psh": changed(10, ip_len + 13, 0x08),
+        "fin": changed(15, ip_len + 13, 0x01),
+        "port": changed(20, ip_len + 1, 0x01),
+        "ack": changed(5, ip_len + 11, 0x01),
+        "gap": stream()[:30] + stream(1000 + MSS)[30:],
+        "short": short,
+        "wrap": stream((1 << 32) - 47 * MSS - MSS // 2),
+    }
+
+
+@pytest.mark.parametrize("version", [4, 6])
+def test_append_stream_merges_exactly_what_append_at_would(version: int) -> None:
+    """A GRO receive's packets at a fixed stride, fed as the receive path does (append_stream
+    for the rest, push for a packet it does not take) or one by one with push: the same GSO
+    packets and single writes, whatever breaks the stream and wherever."""
+    make = seg if version == 4 else seg6
+    for name, packets in stream_scenarios(make).items():
+        size = len(packets[0])
+        stride = size + 16
+        buf = memoryview(b"".join(p + bytes(stride - len(p)) for p in packets))
+        bulk, single = Sink(), Sink()
+        taken = []
+        try:
+            j = 0
+            while j < len(packets):
+                n = bulk.writer.append_stream(buf, j * stride, stride, len(packets) - j, size)
+                taken.append(n)
+                if not n:
+                    bulk.writer.push(buf[j * stride:j * stride + size])
+                    n = 1
+                j += n
+            bulk.writer.flush()
+            for packet in packets:
+                single.writer.push(packet)
+            single.writer.flush()
+            assert bulk.gso() == single.gso() and bulk.singles == single.singles, name
+            assert bulk.writer.merged == single.writer.merged, name
+            assert max(taken) > 30, (name, taken)  # ... and most of them in bulk
+        finally:
+            for sink in (bulk, single):
+                os.close(sink.read_fd)
+                os.close(sink.writer.fd)
+
+
+def test_append_stream_without_a_run_or_room_takes_nothing() -> None:
+    sink = Sink()
+    packets = [seg(1000 + i * MSS) for i in range(70)]
+    buf = b"".join(packets)
+    size = len(packets[0])
+    assert sink.writer.append_stream(buf, 0, size, 3, size) == 0  # no run to continue
+    sink.writer.push(packets[0])
+    assert sink.writer.append_stream(buf, size, size, 0, size) == 0
+    assert sink.writer.append_stream(buf, size, size, 69, size) == MAX_SEGMENTS - 1
+    assert sink.writer.append_stream(buf, MAX_SEGMENTS * size, size, 6, size) == 0  # full
+    sink.writer.push(packets[MAX_SEGMENTS])
+    sink.writer.flush()
+    ((_, packet),) = sink.gso()
+    assert len(packet) == 52 + MAX_SEGMENTS * MSS and sink.singles == [packets[MAX_SEGMENTS]]

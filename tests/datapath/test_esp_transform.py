@@ -426,3 +426,109 @@ def test_gcm_padding_never_reaches_before_the_output_offset() -> None:
     with pytest.raises(EspDrop) as info:
         rx.open_into(gcm_packet(b"\x03\x04\x04\x06"), out, 2)
     assert info.value.reason is DropReason.BAD_PADDING
+
+
+class Run:
+    """Packets of one sealed length back to back in one buffer, with the views a GRO receive
+    slot keeps for them (datapath.inbound._SlotViews), for open_run."""
+
+    def __init__(self, packets: list[bytes]) -> None:
+        seg = len(packets[0])
+        assert all(len(p) == seg for p in packets)
+        self.buf = bytearray(b"".join(packets))
+        view = memoryview(self.buf)
+        starts = range(0, len(self.buf), seg)
+        self.seg, self.ctlen = seg, seg - AEAD_HEAD - AEAD_ICV
+        self.ivs = [view[s + 8:s + AEAD_HEAD] for s in starts]
+        self.aads = [view[s:s + 8] for s in starts]
+        self.sealed = [view[s + AEAD_HEAD:s + seg] for s in starts]
+        self.plain = [view[s + AEAD_HEAD:s + seg - AEAD_ICV] for s in starts]
+
+    def open(self, rx: EspTransform) -> tuple[int, bool]:
+        headers = struct.Struct(f"!II{self.seg - 8}x").iter_unpack(self.buf)
+        return rx.open_run(headers, self.ivs, self.sealed, self.aads, self.plain, self.ctlen)
+
+    def payload(self, i: int, size: int) -> bytes:
+        return bytes(self.plain[i][:size])
+
+
+@pytest.mark.parametrize("name", ["gcm", "chacha"])
+def test_open_run_opens_a_stream_as_open_in_place_would(name: str) -> None:
+    tx, rx = pair(name)
+    payloads = [bytes([i]) * 101 for i in range(12)]  # 101 + 3 bytes of padding + 2
+    sealed = [tx.seal(p, 4) for p in payloads]
+    run = Run(sealed)
+    assert run.open(rx) == (12, False)
+    assert rx.replay.highest == 12
+    assert rx.run_trailer(run.plain, run.ctlen, 12) == (4, 101)
+    assert [run.payload(i, 101) for i in range(12)] == payloads
+    assert rx.trailer(run.plain[5], run.ctlen) == (4, 101)
+    # The same packets again: nothing after the window's highest, so nothing is taken.
+    again = Run(sealed)
+    assert again.open(rx) == (0, False) and again.buf == b"".join(sealed)
+    fresh = tx.seal(b"fresh", 4)
+    assert open_where_it_lies(rx, fresh)[:2] == (4, b"fresh")  # the window is right
+
+
+@pytest.mark.parametrize("name", ["gcm", "chacha"])
+def test_open_run_takes_only_the_leading_in_order_packets_of_its_sa(name: str) -> None:
+    tx, rx = pair(name)
+    packets = [tx.seal(bytes([i]) * 40, 4) for i in range(8)]  # numbers 1..8
+    gap = Run(packets[:3] + packets[4:])  # 1, 2, 3, 5, ...
+    originals = bytes(gap.buf)
+    assert gap.open(rx) == (3, False) and rx.replay.highest == 3
+    assert gap.buf[3 * gap.seg:] == originals[3 * gap.seg:]  # the rest untouched
+    foreign = Run([packets[3], EspTransform.build(  # another SPI in second place
+        SPI + 1, *SUITES[name]).seal(bytes(40), 4), packets[4]])  # type: ignore[arg-type]
+    assert foreign.open(rx) == (1, False) and rx.replay.highest == 4
+    _, esn_rx = pair(name, esn=True)
+    assert Run(packets).open(esn_rx) == (0, False)  # ESN: open_in_place's job
+
+
+@pytest.mark.parametrize("name", ["gcm", "chacha"])
+def test_open_run_stops_at_a_forgery_and_leaves_the_rest_untouched(name: str) -> None:
+    tx, rx = pair(name)
+    payloads = [bytes([i]) * 60 for i in range(8)]
+    packets = [tx.seal(p, 4) for p in payloads]
+    forged = bytearray(packets[4])
+    forged[-3] ^= 0x10
+    run = Run(packets[:4] + [bytes(forged)] + packets[5:])
+    originals = bytes(run.buf)
+    assert run.open(rx) == (4, True)
+    assert rx.replay.highest == 4  # the forgery recorded nothing
+    assert [run.payload(i, 60) for i in range(4)] == payloads[:4]
+    assert run.buf[5 * run.seg:] == originals[5 * run.seg:]
+    for i in (6, 5, 7, 4):  # the rest, and the genuine packet 5, still open one by one
+        assert open_where_it_lies(rx, packets[i])[:2] == (4, payloads[i])
+
+
+def test_run_trailer_answers_only_for_a_run_of_equal_valid_trailers() -> None:
+    clear = bytes(16)
+
+    def trailer_of(*packets: bytes) -> tuple[int, int] | None:
+        _, rx = pair("gcm")
+        run = Run(list(packets))
+        assert run.open(rx)[0] == len(packets)
+        return rx.run_trailer(run.plain, run.ctlen, len(packets))
+
+    good = clear + b"\x01\x02\x02\x04"
+    assert trailer_of(*[gcm_packet(good, seq) for seq in (1, 2, 3)]) == (4, 16)
+    long_pad = clear[:8] + bytes(range(1, 7)) + b"\x06\x29"  # 6 bytes of padding, IPv6
+    assert trailer_of(*[gcm_packet(long_pad, seq) for seq in (1, 2)]) == (41, 8)
+    bad_pad = clear[:8] + bytes((1, 2, 3, 9, 5, 6)) + b"\x06\x29"  # its 4th byte is wrong
+    assert trailer_of(gcm_packet(long_pad, 1), gcm_packet(bad_pad, 2)) is None
+    other_pad = clear + b"\x05\x01\x00\x04"  # one byte of padding: 17 bytes of payload
+    assert trailer_of(gcm_packet(good, 1), gcm_packet(other_pad, 2)) is None
+    other_nh = clear + b"\x01\x02\x02\x29"
+    assert trailer_of(gcm_packet(good, 1), gcm_packet(other_nh, 2)) is None
+    dummy = clear + b"\x01\x02\x02\x3b"  # next header 59
+    assert trailer_of(gcm_packet(dummy, 1), gcm_packet(dummy, 2)) is None
+    too_long = clear + b"\x01\x02\x30\x04"  # pad length beyond the packet
+    assert trailer_of(gcm_packet(too_long, 1), gcm_packet(too_long, 2)) is None
+
+
+@pytest.mark.parametrize("name", ["cbc", "ctr", "null"])
+def test_only_an_aead_opens_a_run(name: str) -> None:
+    _, rx = pair(name)
+    with pytest.raises(NotImplementedError):
+        rx.open_run(iter(()), [], [], [], [], 32)
