@@ -27,8 +27,10 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from ipaddress import ip_address
+from itertools import repeat, takewhile
+from operator import and_, attrgetter, eq, le, truth
 
-from datapath.esp import SealSlot, SequenceExhausted
+from datapath.esp import EspTransform, SealSlot, SequenceExhausted
 from datapath.flowkey import flow
 from datapath.ippacket import (
     MalformedPacket,
@@ -56,6 +58,7 @@ _GSO_SIZE = struct.Struct("<H")  # virtio_net_hdr gso_size (at byte 4)
 # IPv4: version/IHL, total length, fragment field, protocol, addresses and ports (or the
 # first 4 bytes of another protocol's header: the key only says "same as the last packet").
 _FAST4 = struct.Struct("!BxH2xHxB2x12s")
+_BODY = attrgetter("body")
 
 
 class _Route:
@@ -152,7 +155,10 @@ class Outbound:
         group: list[memoryview] = []
         run_sa: SecurityAssociation | None = None
         run_packets = run_bytes = 0
+        resume = 0  # packets before it were sealed as a run (below)
         for k in range(count):
+            if k < resume:
+                continue
             if used == n_slots:  # more packets than slots: send what we have first
                 self._send(groups, now)
                 groups = {}
@@ -163,7 +169,8 @@ class Outbound:
             got = lengths[k]
             gso = 0
             if vnet is None:
-                vihl, length, frag, proto, key = _FAST4.unpack_from(buf)
+                head = _FAST4.unpack_from(buf)
+                vihl, length, frag, proto, key = head
                 if (vihl == 0x45 and key == last_key and proto == last_proto
                         and not frag & 0x3FFF and 24 <= length <= got):
                     ctx = route.ctx  # type: ignore[union-attr]
@@ -173,6 +180,16 @@ class Outbound:
                             and buf[6] & 0x40):
                         self._too_big(buf[:got], 4, route.fits)  # type: ignore[union-attr]
                         continue
+                    if k + 1 < count and _FAST4.unpack_from(inputs[k + 1].body) == head:
+                        # This packet and those after it that repeat its header fields and
+                        # length (a stream's full-size segments) are sealed in one pass.
+                        run = self._seal_run(tr, head, inputs[k:count], lengths[k:count])
+                        if run:
+                            group.extend(run)
+                            resume = k + len(run)
+                            run_packets += len(run)
+                            run_bytes += len(run) * length
+                            continue
                     try:
                         group.append(tr.seal_slot(slot, length, 4))
                     except SequenceExhausted:
@@ -290,6 +307,22 @@ class Outbound:
         if marked:
             for sa in set(marked):
                 self.deliver(self.kernel.note_traffic(sa, now))
+
+    @staticmethod
+    def _seal_run(tr: EspTransform, head: tuple[int, ...], slots: Sequence[SealSlot],
+                  lengths: Sequence[int]) -> list[memoryview] | None:
+        """Seal with ``tr``, in one pass (EspTransform.seal_run), the leading packets of
+        ``slots`` whose header fields read with _FAST4 are ``head`` (those of a packet that
+        took the shortcut: IPv4 without options, not a fragment, the flow of the last
+        tunnel-mode packet, and one length, so one SA and path MTU verdict) and that were
+        read whole; None if fewer than two are, or ``tr`` cannot."""
+        length = head[1]
+        same = map(eq, map(_FAST4.unpack_from, map(_BODY, slots)), repeat(head))
+        whole = map(le, repeat(length), lengths)
+        m = len(list(takewhile(truth, map(and_, same, whole))))
+        if m < 2:
+            return None
+        return tr.seal_run(slots[:m], length, 4)
 
     @staticmethod
     def _count(sa: SecurityAssociation, packets: int, octets: int,

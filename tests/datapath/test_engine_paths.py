@@ -504,3 +504,47 @@ def test_a_gro_receive_of_a_tcp_stream_becomes_one_gso_write() -> None:
     finally:
         os.close(sink.read_fd)
         os.close(sink.writer.fd)
+
+
+def test_a_stream_in_a_read_batch_is_sealed_in_one_pass(monkeypatch: object) -> None:
+    """Outbound: packets of a flow after its first that repeat their header fields and length
+    are sealed as a run (EspTransform.seal_run); a packet of another length or flow, or one
+    the read cut short, ends the run and gets its own verdict. All arrive, in order, and
+    the SA's counts add up."""
+    from datapath.esp import EspTransform, SealSlot
+
+    left, right = connected_pair()
+    outbound = left.dp.outbound
+    assert isinstance(outbound, Outbound)
+    tr = next(c for c in left.dp.table.by_spi.values() if c.sa.spi == 0x1001).transform
+    runs: list[int] = []
+    real = type(tr).seal_run
+
+    def recording(self: EspTransform, slots: list[SealSlot], n: int, nh: int) -> object:
+        runs.append(len(slots))
+        return real(self, slots, n, nh)
+
+    monkeypatch.setattr(type(tr), "seal_run", recording)  # type: ignore[attr-defined]
+
+    def stream(first: int, count: int, size: int = 300, **kw: object) -> list[bytes]:
+        return [udp_packet("10.1.0.2", "10.4.0.2", bytes([first + i]) * size, **kw)
+                for i in range(count)]
+
+    cut = stream(90, 1)[0]
+    packets = (stream(0, 8) + stream(20, 1, 299) + stream(30, 6) + stream(40, 1, dport=7)
+               + stream(50, 4) + [cut] + stream(60, 3) + stream(70, 2))
+    lengths = [len(p) for p in packets]
+    lengths[packets.index(cut)] -= 1  # the read returned less than the IP length says
+    outbound.process_slots([SealSlot.holding(p) for p in packets], lengths, len(packets), NOW)
+    # The first packet of a flow takes the full path, its followers a run until one that
+    # differs (the 299-byte one is sealed alone); the cut one is malformed, and the stream
+    # after it is the flow before it again.
+    assert runs == [7, 6, 3, 5]
+    right.receive()
+    for _ in range(3):
+        right.receive(timeout=0.2)
+    delivered = [p for p in packets if p is not cut]
+    assert right.tun.sent == delivered and left.dp.stats()["malformed"] == 1
+    out = sa(left, 0x1001, RIGHT)
+    assert out.packets_out == len(delivered)  # type: ignore[attr-defined]
+    assert out.bytes_out == sum(map(len, delivered))  # type: ignore[attr-defined]

@@ -532,3 +532,49 @@ def test_only_an_aead_opens_a_run(name: str) -> None:
     _, rx = pair(name)
     with pytest.raises(NotImplementedError):
         rx.open_run(iter(()), [], [], [], [], 32)
+
+
+@pytest.mark.parametrize("name", ["gcm", "chacha"])
+@pytest.mark.parametrize("esn", [False, True])
+def test_seal_run_is_seal_slot_for_each(name: str, esn: bool) -> None:
+    """Slots whose views were made for other sizes, or for this one: every packet of the run
+    is what seal makes, in its own slot, numbered in order (across 2^32 with ESN)."""
+    start = (1 << 32) - 3 if esn else 1
+    tx, rx = pair(name, esn=esn, next_seq=start)
+    twin, _ = pair(name, esn=esn, next_seq=start)
+    if start > 1:
+        rx.replay.accept(start - 1)
+    slots = [SealSlot(memoryview(bytearray(SEAL_HEAD + 200 + SEAL_TAIL))) for _ in range(7)]
+    tx.seal_slot(slots[2], 50, 4)  # this slot's views are for another size ...
+    twin.seal(bytes(50), 4)
+    payloads = [os.urandom(101) for _ in slots]
+    for slot, payload in zip(slots, payloads, strict=True):
+        slot.body[:101] = payload
+    packets = tx.seal_run(slots, 101, 4)
+    assert packets is not None and len(packets) == 7
+    for slot, packet, payload in zip(slots, packets, payloads, strict=True):
+        assert packet.obj is slot.buf.obj
+        assert bytes(packet) == twin.seal(payload, 4)
+        assert rx.open(bytes(packet)) == (4, payload)
+    assert tx.next_seq == twin.next_seq
+    for slot, payload in zip(slots, payloads, strict=True):  # ... and again, with the views kept
+        slot.body[:101] = payload
+    assert [bytes(p) for p in tx.seal_run(slots, 101, 41) or []] == [
+        twin.seal(p, 41) for p in payloads]
+
+
+@pytest.mark.parametrize("name", ["gcm", "chacha"])
+def test_seal_run_takes_no_number_when_too_few_are_left(name: str) -> None:
+    tx, rx = pair(name, next_seq=0xFFFFFFFE)  # two numbers left
+    slots = [SealSlot.holding(b"abc") for _ in range(3)]
+    assert tx.seal_run(slots, 3, 4) is None and tx.next_seq == 0xFFFFFFFE
+    packets = tx.seal_run(slots[:2], 3, 4)
+    assert packets is not None and tx.seq_remaining == 0
+    rx.replay.accept(0xFFFFFFF0)
+    assert [rx.open(bytes(p)) for p in packets] == [(4, b"abc")] * 2
+
+
+@pytest.mark.parametrize("name", ["cbc", "ctr", "null"])
+def test_only_an_aead_seals_a_run(name: str) -> None:
+    tx, _ = pair(name)
+    assert tx.seal_run([SealSlot.holding(b"abc")] * 2, 3, 4) is None and tx.next_seq == 1
