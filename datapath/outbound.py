@@ -16,7 +16,10 @@ is looked up once and cut into segments (datapath.segment) that are sealed one b
 one read feeds one GSO send.
 
 Within a batch, an IPv4 packet with the protocol, addresses and ports of the packet before it
-(which went to a tunnel SA) skips the parse and both lookups; its size is still checked.
+(which went to a tunnel SA) skips the parse and both lookups; its size is still checked. Such
+a packet and the ones right after it that repeat its header fields and length (a stream's
+full-size segments) are sealed in one pass (``EspTransform.seal_run``: the per-packet steps
+in C-level loops over the slots, not in the interpreter).
 A packet whose policy has no SA yet is held (bounded per policy, oldest dropped) while the
 Kernel sends SADB_ACQUIRE; ``flush_held`` sends them when an SA appears.
 """
