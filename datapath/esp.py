@@ -383,8 +383,8 @@ class EspTransform(abc.ABC):
 
     def open_run(
         self, headers: Iterable[tuple[int, ...]], ivs: Sequence[memoryview],
-        sealed: Sequence[memoryview], aads: Sequence[memoryview], plain: Sequence[memoryview],
-        ctlen: int,
+        sealed: Sequence[memoryview], aads: Iterable[memoryview | bytes],
+        plain: Sequence[memoryview], ctlen: int,
     ) -> tuple[int, bool]:
         """``open_in_place`` for a run of packets at once; only where ``opens_in_place``."""
         raise NotImplementedError(f"{type(self).__name__} cannot open in place")
@@ -677,32 +677,41 @@ class _AeadEsp(EspTransform):
 
     def open_run(
         self, headers: Iterable[tuple[int, ...]], ivs: Sequence[memoryview],
-        sealed: Sequence[memoryview], aads: Sequence[memoryview], plain: Sequence[memoryview],
-        ctlen: int,
+        sealed: Sequence[memoryview], aads: Iterable[memoryview | bytes],
+        plain: Sequence[memoryview], ctlen: int,
     ) -> tuple[int, bool]:
         """Open in place, in one pass, a run of packets that all have ``ctlen`` bytes of
         ciphertext: packet i's (SPI, sequence number) is ``headers[i]``, its IV ``ivs[i]``, its
-        first 8 bytes (the AAD without ESN) ``aads[i]``; ``sealed``/``plain`` as for
+        first 8 bytes ``aads[i]`` (the AAD without ESN); ``sealed``/``plain`` as for
         ``open_in_place``. Only the leading packets that carry this SA's SPI and, in order,
         the numbers right after the replay window's highest (so all new) are taken.
 
         Returns ``(opened, failed)``: packets 0..opened were authentic and are recorded in
         the replay window (their trailers are unread: ``run_trailer``, ``trailer``); with
         ``failed``, packet ``opened`` failed authentication (its bytes are garbage now). The
-        packets after those are untouched, for ``open_in_place``. (0, False) with ESN or
-        for a ``ctlen`` that no packet can have.
+        packets after those are untouched, for ``open_in_place``. (0, False) for a
+        ``ctlen`` that no packet can have.
 
         This is the receiving gateway's path for a GRO batch of one stream: the per-packet
         steps run in C (map over the AEAD, takewhile over the headers), not in the
         interpreter, which costs more per packet than the decryption itself."""
-        if self.esn or ctlen < 6 or ctlen & self._align_mask:
+        if ctlen < 6 or ctlen & self._align_mask:
             return 0, False
         replay = self.replay
         highest = replay.highest
-        expected = zip(repeat(self.spi), count(highest + 1))
+        spi = self.spi
+        esn = self.esn
+        # (With ESN the wire has the low 32 bits, which wrap; without, a number past 2^32 - 1
+        # matches nothing.)
+        expected = zip(repeat(spi), map(and_, count(highest + 1), repeat(_LOW)) if esn
+                       else count(highest + 1))
         run = len(list(takewhile(truth, map(eq, headers, expected))))
         if not run:
             return 0, False
+        if esn:  # the AAD has the high 32 bits, which are not on the wire
+            numbers = range(highest + 1, highest + 1 + run)
+            aads = map(_AAD_ESN.pack, repeat(spi), map(rshift, numbers, repeat(32)),
+                       map(and_, numbers, repeat(_LOW)))
         nonce_ivs = iter(ivs[:run])
         try:
             deque(map(self._aead.decrypt_into, map(self._salt.__add__, nonce_ivs), sealed,

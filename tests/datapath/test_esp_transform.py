@@ -481,8 +481,28 @@ def test_open_run_takes_only_the_leading_in_order_packets_of_its_sa(name: str) -
     foreign = Run([packets[3], EspTransform.build(  # another SPI in second place
         SPI + 1, *SUITES[name]).seal(bytes(40), 4), packets[4]])  # type: ignore[arg-type]
     assert foreign.open(rx) == (1, False) and rx.replay.highest == 4
-    _, esn_rx = pair(name, esn=True)
-    assert Run(packets).open(esn_rx) == (0, False)  # ESN: open_in_place's job
+
+
+@pytest.mark.parametrize("name", ["gcm", "chacha"])
+def test_open_run_with_esn_crosses_2_to_the_32(name: str) -> None:
+    """With ESN the wire carries the low 32 bits (which wrap to 0 here) and the AAD the high
+    ones: a run across the boundary opens; to a window 2^32 further on, the same low bits
+    name other numbers, whose AAD fails."""
+    start = (1 << 32) - 4
+    tx, rx = pair(name, esn=True, next_seq=start)
+    rx.replay.accept(start - 1)
+    payloads = [bytes([i]) * 33 for i in range(8)]
+    sealed = [tx.seal(p, 41) for p in payloads]
+    assert [HEAD_IV.unpack_from(p)[1] for p in sealed[3:6]] == [(1 << 32) - 1, 0, 1]
+    run = Run(sealed)
+    assert run.open(rx) == (8, False) and rx.replay.highest == start + 7
+    assert rx.run_trailer(run.plain, run.ctlen, 8) == (41, 33)
+    assert [run.payload(i, 33) for i in range(8)] == payloads
+    assert open_where_it_lies(rx, tx.seal(b"next", 4))[:2] == (4, b"next")
+    _, other = pair(name, esn=True, next_seq=start)
+    other.replay.accept(start - 1 + (1 << 32))
+    assert Run(sealed[:2]).open(other) == (0, True)
+    assert other.replay.highest == start - 1 + (1 << 32)
 
 
 @pytest.mark.parametrize("name", ["gcm", "chacha"])
