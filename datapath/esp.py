@@ -87,9 +87,7 @@ _AAD_ESN = struct.Struct("!III")  # RFC 4106 5 / RFC 7634 3: SPI, seq high, seq 
 _HDR_SEQ = struct.Struct("!IIQ")  # SPI, low 32 bits and all 64 bits (the IV) of the number
 _NONCE = struct.Struct("!4sQ")  # salt, IV
 _U32 = struct.Struct("!I")
-# A SealSlot's views, read in C-level loops over the slots (seal_run).
-_PTLEN, _BODY, _BUF, _AAD, _PLAIN, _SEALED, _PACKET = (
-    attrgetter(name) for name in ("ptlen", "body", "buf", "aad", "plain", "sealed", "packet"))
+_VIEWS = attrgetter("views")  # a SealSlot's, for C-level loops over slots (seal_run)
 
 # Padding bytes for each pad length (RFC 4303 2.4: 1, 2, 3, ...), and the whole trailer
 # (padding, pad length, next header) by pad length and next header.
@@ -151,7 +149,7 @@ class SealSlot:
     the ciphertext and tag go, the whole packet) are made when that size first comes and
     kept while it repeats, as it does in a stream: sealing then makes no slice at all."""
 
-    __slots__ = ("buf", "body", "ptlen", "plain", "sealed", "packet", "aad", "_spare")
+    __slots__ = ("buf", "body", "ptlen", "plain", "sealed", "packet", "aad", "views", "_spare")
 
     def __init__(self, buf: memoryview) -> None:
         if len(buf) <= SEAL_HEAD + SEAL_TAIL:
@@ -161,6 +159,7 @@ class SealSlot:
         self.ptlen = -1  # the plaintext size (payload, padding, trailer) the views are for
         self.plain = self.sealed = self.packet = buf[:0]
         self.aad = buf[:8]  # SPI and sequence number: the AAD without ESN
+        self.views = self._views()
         self._spare: memoryview | None = None
 
     @classmethod
@@ -179,6 +178,13 @@ class SealSlot:
         self.sealed = self.body[:ptlen + AEAD_ICV]
         self.packet = self.buf[:SEAL_HEAD + ptlen + AEAD_ICV]
         self.ptlen = ptlen
+        self.views = self._views()
+
+    def _views(self) -> tuple[int, memoryview, memoryview, memoryview, memoryview,
+                              memoryview, memoryview]:
+        """All of them in one tuple: a run of slots (seal_run) reads them with one attribute
+        lookup per slot and transposes them with zip, in C."""
+        return self.ptlen, self.body, self.buf, self.aad, self.plain, self.sealed, self.packet
 
     def spare(self) -> memoryview:
         """A second buffer as big as this one, for a transform that cannot seal in place."""
@@ -572,23 +578,26 @@ class _AeadEsp(EspTransform):
             return None
         padlen = (-2 - n) & self._align_mask
         ptlen = n + (padlen + 2)
-        if list(map(_PTLEN, slots)).count(ptlen) != m:
+        ptlens, bodies, bufs, aads, plains, sealeds, packets = zip(*map(_VIEWS, slots), strict=True)
+        if ptlens.count(ptlen) != m:
             for slot in slots:
                 if slot.ptlen != ptlen:
                     slot.fit(ptlen)
+            ptlens, bodies, bufs, aads, plains, sealeds, packets = zip(
+                *map(_VIEWS, slots), strict=True)
         self._next_seq = seq + m
         numbers = range(seq, seq + m)
-        deque(map(setitem, map(_BODY, slots), repeat(slice(n, ptlen)),
+        deque(map(setitem, bodies, repeat(slice(n, ptlen)),
                   repeat(_TRAILERS[padlen][next_header])), 0)
         spi = self.spi
         lows = map(and_, numbers, repeat(_LOW))
-        deque(map(_HDR_SEQ.pack_into, map(_BUF, slots), repeat(0), repeat(spi), lows, numbers),
-              0)
-        aads = (map(_AAD_ESN.pack, repeat(spi), map(rshift, numbers, repeat(32)),
-                    map(and_, numbers, repeat(_LOW))) if self.esn else map(_AAD, slots))
+        deque(map(_HDR_SEQ.pack_into, bufs, repeat(0), repeat(spi), lows, numbers), 0)
+        if self.esn:
+            aads = tuple(map(_AAD_ESN.pack, repeat(spi), map(rshift, numbers, repeat(32)),
+                             map(and_, numbers, repeat(_LOW))))
         deque(map(self._aead.encrypt_into, map(_NONCE.pack, repeat(self._salt), numbers),
-                  map(_PLAIN, slots), aads, map(_SEALED, slots)), 0)
-        return list(map(_PACKET, slots))
+                  plains, aads, sealeds), 0)
+        return list(packets)
 
     def seal_staged(
         self, n: int, next_header: int, out: bytearray | memoryview, offset: int = 0,
