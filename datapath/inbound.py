@@ -73,10 +73,12 @@ class _SlotViews:
         self.starts = starts = list(range(off, off + count * seg, seg))
         self.sealed = [buf[s + AEAD_HEAD:s + seg] for s in starts]
         self.plain = [buf[s + AEAD_HEAD:s + seg - AEAD_ICV] for s in starts]
-        self.ivs = [buf[s + 8:s + AEAD_HEAD] for s in starts]
-        self.aads = [buf[s:s + 8] for s in starts]
+        # For a run (Inbound._open_run), which needs two datagrams or more: a raw ESP
+        # receive, one datagram of any size, makes none of them.
+        self.ivs = [buf[s + 8:s + AEAD_HEAD] for s in starts] if count > 1 else []
+        self.aads = [buf[s:s + 8] for s in starts] if count > 1 else []
         self.region = buf[off:off + count * seg]
-        self.headers = struct.Struct(f"!II{seg - 8}x") if seg > 8 else _HDR
+        self.headers = struct.Struct(f"!II{seg - 8}x") if count > 1 else _HDR
 
 
 _NO_VIEWS = _SlotViews(memoryview(b""), -1, 1, 0)
