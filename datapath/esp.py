@@ -392,17 +392,40 @@ class EspTransform(abc.ABC):
         sealed: Sequence[memoryview], aads: Iterable[memoryview | bytes],
         plain: Sequence[memoryview], ctlen: int,
     ) -> tuple[int, bool]:
-        """``open_in_place`` for a run of packets at once; only where ``opens_in_place``."""
-        raise NotImplementedError(f"{type(self).__name__} cannot open in place")
+        """``open_in_place`` for a run of packets at once, where the transform can (an
+        AEAD); (0, False): nothing was opened, ``open_in_place`` each."""
+        return 0, False
 
     def trailer(self, plain: memoryview, ctlen: int) -> tuple[int, int]:
-        """The trailer of a packet ``open_run`` opened; only where ``opens_in_place``."""
-        raise NotImplementedError(f"{type(self).__name__} cannot open in place")
+        """``(next_header, payload length)`` from the end of the ``ctlen`` bytes of plaintext
+        at the start of ``plain``, after checking the padding (RFC 4303 2.4: 1, 2, 3, ...);
+        a dummy packet raises ``EspDrop(DUMMY)``."""
+        if ctlen < 6:  # (the trailer read below would start before the buffer)
+            return self._trailer(plain, 0, ctlen)
+        pad4, padlen, next_header = _TRAILER.unpack_from(plain, ctlen - 6)
+        size = ctlen - (padlen + 2)  # (a small int is cached: one new int, not two)
+        if padlen and (size < 0 or (
+                pad4 & _PAD_MASK[padlen] != _PAD_WORD[padlen] if padlen <= 4
+                else plain[size:ctlen - 2] != _PADS[padlen])):
+            raise EspDrop(DropReason.BAD_PADDING)
+        if next_header == NEXT_HEADER_DUMMY:
+            raise EspDrop(DropReason.DUMMY)
+        return next_header, size
 
     @staticmethod
     def run_trailer(plain: Sequence[memoryview], ctlen: int, n: int) -> tuple[int, int] | None:
-        """The trailer of a run ``open_run`` opened; only where ``opens_in_place``."""
-        raise NotImplementedError("only an AEAD opens in place")
+        """The ``(next_header, payload length)`` of the first ``n`` packets ``open_run``
+        opened, if they all end in the same valid padding and trailer (read in one pass);
+        None: read each with ``trailer``."""
+        padlen, next_header = _PAD_NH.unpack_from(plain[0], ctlen - 2)
+        size = ctlen - (padlen + 2)
+        if size < 0 or next_header == NEXT_HEADER_DUMMY:
+            return None
+        end = _RUN_TRAILERS[padlen]
+        expected = (_PADS[padlen], padlen, next_header)
+        if list(map(end.unpack_from, plain[:n], repeat(size, n))).count(expected) != n:
+            return None
+        return next_header, size
 
     def seal_run(self, slots: Sequence[SealSlot], n: int, next_header: int,
                  ) -> list[memoryview] | None:
@@ -668,22 +691,6 @@ class _AeadEsp(EspTransform):
             replay.accept(seq)
         return self.trailer(plain, ctlen)
 
-    def trailer(self, plain: memoryview, ctlen: int) -> tuple[int, int]:
-        """``(next_header, payload length)`` from the end of the ``ctlen`` bytes of plaintext
-        at the start of ``plain``, after checking the padding (RFC 4303 2.4: 1, 2, 3, ...);
-        a dummy packet raises ``EspDrop(DUMMY)``."""
-        if ctlen < 6:  # (the trailer read below would start before the buffer)
-            return self._trailer(plain, 0, ctlen)
-        pad4, padlen, next_header = _TRAILER.unpack_from(plain, ctlen - 6)
-        size = ctlen - (padlen + 2)  # (a small int is cached: one new int, not two)
-        if padlen and (size < 0 or (
-                pad4 & _PAD_MASK[padlen] != _PAD_WORD[padlen] if padlen <= 4
-                else plain[size:ctlen - 2] != _PADS[padlen])):
-            raise EspDrop(DropReason.BAD_PADDING)
-        if next_header == NEXT_HEADER_DUMMY:
-            raise EspDrop(DropReason.DUMMY)
-        return next_header, size
-
     def open_run(
         self, headers: Iterable[tuple[int, ...]], ivs: Sequence[memoryview],
         sealed: Sequence[memoryview], aads: Iterable[memoryview | bytes],
@@ -731,22 +738,6 @@ class _AeadEsp(EspTransform):
             return opened, True
         replay.highest = highest + run  # in order after highest: the window's run grows
         return run, False
-
-    @staticmethod
-    def run_trailer(plain: Sequence[memoryview], ctlen: int, n: int) -> tuple[int, int] | None:
-        """The ``(next_header, payload length)`` of the first ``n`` packets ``open_run``
-        opened, if they all end in the same valid padding and trailer (read in one pass);
-        None: read each with ``trailer``."""
-        padlen, next_header = _PAD_NH.unpack_from(plain[0], ctlen - 2)
-        size = ctlen - (padlen + 2)
-        if size < 0 or next_header == NEXT_HEADER_DUMMY:
-            return None
-        end = _RUN_TRAILERS[padlen]
-        expected = (_PADS[padlen], padlen, next_header)
-        if list(map(end.unpack_from, plain[:n], repeat(size, n))).count(expected) != n:
-            return None
-        return next_header, size
-
 
 class _CbcEsp(_CipherEsp):
     """AES-CBC (RFC 3602) and (3)DES-CBC with persistent contexts; see the module doc."""
