@@ -173,11 +173,15 @@ class TunWriter:
         one packet at a time."""
         mss = self._mss
         next_seq = self._next_seq
-        # Segments that fit the run, up to the last sequence number before the wrap.
-        room = min(n, MAX_SEGMENTS - self._count, (MAX_GSO_BYTES - self._size) // mss if mss
-                   else 0, (0xFFFFFFFF - next_seq) // mss + 1 if mss else 0)
-        if self._udp or size - self._hlen != mss or next_seq < 0 or room < 2:
+        # (A pending TCP run's mss is never 0: its first segment had payload.)
+        if (self._template is None or self._udp or next_seq < 0 or size - self._hlen != mss
+                or n < 2):
             return 1 if n and self.append_at(buf, at, at + size) else 0
+        # Segments that fit the run, up to the last sequence number before the wrap.
+        room = min(n, MAX_SEGMENTS - self._count, (MAX_GSO_BYTES - self._size) // mss,
+                   (0xFFFFFFFF - next_seq) // mss + 1)
+        if room < 2:
+            return 1 if self.append_at(buf, at, at + size) else 0
         stop = at + room * stride
         starts = range(at, stop, stride)
         same = map(eq, map(self._header.unpack_from, repeat(buf), starts),
